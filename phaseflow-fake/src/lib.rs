@@ -1,0 +1,5 @@
+//! Test doubles for phaseflow: [`MemoryStore`], [`FakeSessions`] and the store conformance suite.
+
+pub mod conformance;
+pub mod memory;
+pub mod sessions;

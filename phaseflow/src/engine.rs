@@ -1,0 +1,1 @@
+//! The phase executor (in progress).

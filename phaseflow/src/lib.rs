@@ -1,0 +1,21 @@
+//! phaseflow drives AI coding agents through a typed, durable, multi-phase workflow.
+//!
+//! Each phase asks one agent session to write one JSON artifact into the run's worktree.
+//! phaseflow delivers each prompt at most once, waits for the artifact, hashes and validates it
+//! against a JSON Schema, sends repair prompts within a budget, escalates to a human gate when
+//! the budget is spent, and records every step in an append-only event log so that a crashed
+//! orchestrator resumes without prompting twice.
+
+pub mod artifact;
+pub mod engine;
+pub mod envelope;
+pub mod error;
+pub mod event;
+pub mod ids;
+pub mod session;
+pub mod spec;
+pub mod state;
+pub mod store;
+
+
+pub use error::{Error, ErrorClass, ErrorCode, Result};
