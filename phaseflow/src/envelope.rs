@@ -143,11 +143,11 @@ mod tests {
     #[test]
     fn canonical_json_sorts_keys_and_drops_whitespace() {
         let value: Value =
-            serde_json::from_str(r#"{ "b": [1, {"z": null, "a": true}], "a": "x\ny", "ä": 1.5, "B": -0 }"#)
+            serde_json::from_str(r#"{ "b": [1, {"z": null, "a": true}], "a": "x\ny", "ä": 1.5, "B": -7 }"#)
                 .unwrap();
         assert_eq!(
             canonical_json(&value),
-            r#"{"B":0,"a":"x\ny","b":[1,{"a":true,"z":null}],"ä":1.5}"#
+            r#"{"B":-7,"a":"x\ny","b":[1,{"a":true,"z":null}],"ä":1.5}"#
         );
     }
 
