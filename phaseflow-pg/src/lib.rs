@@ -1,0 +1,1 @@
+//! PostgreSQL store for phaseflow (in progress).
