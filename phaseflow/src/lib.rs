@@ -17,5 +17,5 @@ pub mod spec;
 pub mod state;
 pub mod store;
 
-
 pub use error::{Error, ErrorClass, ErrorCode, Result};
+pub use engine::{Engine, EngineOptions, PhaseOutcome};
