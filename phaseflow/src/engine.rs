@@ -4,7 +4,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::artifact::{DEFAULT_MAX_ARTIFACT_BYTES, WaitOptions};
 use crate::error::{Error, ErrorCode, Result};
 use crate::event::Decision;
 use crate::ids::{ApprovalId, EngineId, RunId};
@@ -21,10 +20,8 @@ pub struct EngineOptions {
     pub resume_retries: u32,
     /// Extra `rebootstrap` tries after a recoverable failure (the predecessor's 1).
     pub rebootstrap_retries: u32,
-    /// How the artifact is awaited.
-    pub wait: WaitOptions,
-    /// Artifacts larger than this are invalid.
-    pub max_artifact_bytes: u64,
+    /// How long to wait for the artifact.
+    pub artifact_timeout: Duration,
 }
 
 impl Default for EngineOptions {
@@ -33,8 +30,7 @@ impl Default for EngineOptions {
             send_retries: 2,
             resume_retries: 2,
             rebootstrap_retries: 1,
-            wait: WaitOptions::default(),
-            max_artifact_bytes: DEFAULT_MAX_ARTIFACT_BYTES,
+            artifact_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -42,7 +38,7 @@ impl Default for EngineOptions {
 impl EngineOptions {
     /// Sets the artifact timeout.
     pub fn with_artifact_timeout(mut self, timeout: Duration) -> Self {
-        self.wait.timeout = timeout;
+        self.artifact_timeout = timeout;
         self
     }
 }
