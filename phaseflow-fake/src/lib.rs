@@ -3,3 +3,4 @@
 pub mod conformance;
 pub mod memory;
 pub mod sessions;
+pub use sessions::{FakeSessions, Script};
