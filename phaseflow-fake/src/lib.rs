@@ -2,5 +2,6 @@
 
 pub mod conformance;
 pub mod memory;
+pub mod scenarios;
 pub mod sessions;
 pub use sessions::{FakeSessions, Script};
