@@ -114,6 +114,7 @@ pub struct Engine {
     sessions: Arc<dyn SessionRuntime>,
     options: EngineOptions,
     schemas: Arc<Mutex<SchemaCache>>,
+    workflows: Arc<Vec<WorkflowSpec>>,
 }
 
 impl Engine {
@@ -125,6 +126,7 @@ impl Engine {
             sessions,
             options: EngineOptions::default(),
             schemas: Arc::default(),
+            workflows: Arc::default(),
         }
     }
 
@@ -132,6 +134,25 @@ impl Engine {
     pub fn with_options(mut self, options: EngineOptions) -> Self {
         self.options = options;
         self
+    }
+
+    /// Registers a workflow so that [`Engine::resume_any`] can continue its runs without the
+    /// caller naming the workflow type. Registering a name twice keeps the last spec.
+    pub fn with_workflow(mut self, workflow: WorkflowSpec) -> Self {
+        let mut workflows: Vec<WorkflowSpec> = self
+            .workflows
+            .iter()
+            .filter(|w| w.name() != workflow.name())
+            .copied()
+            .collect();
+        workflows.push(workflow);
+        self.workflows = Arc::new(workflows);
+        self
+    }
+
+    /// The registered workflow with that name.
+    pub fn workflow(&self, name: &str) -> Option<&WorkflowSpec> {
+        self.workflows.iter().find(|w| w.name() == name)
     }
 
     /// This engine's identity (the owner it claims phases as).

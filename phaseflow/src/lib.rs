@@ -12,10 +12,32 @@ pub mod envelope;
 pub mod error;
 pub mod event;
 pub mod ids;
+pub mod recovery;
 pub mod session;
 pub mod spec;
 pub mod state;
 pub mod store;
+pub mod typestate;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+/// Everything a workflow author needs: `use phaseflow::prelude::*;`.
+pub mod prelude {
+    pub use crate::engine::{Engine, EngineOptions};
+    pub use crate::error::{Error, ErrorCode, Result};
+    pub use crate::event::Decision;
+    pub use crate::ids::RunId;
+    pub use crate::typestate::{
+        AfterDecision, AfterFailure, AwaitingApproval, Completed, Ended, Executed, Paused, Phase,
+        PhaseAt, Ready, Run, StartRun, Validated, Workflow,
+    };
+    pub use phaseflow_macros::{Phase, Workflow};
+}
 
 pub use error::{Error, ErrorClass, ErrorCode, Result};
 pub use engine::{Engine, EngineOptions, PhaseOutcome};
+pub use recovery::RunStatus;
+pub use phaseflow_macros::{Phase, Workflow};
+pub use typestate::{Phase, Run, StartRun, Workflow};
