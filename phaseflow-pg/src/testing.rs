@@ -64,6 +64,15 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use async_trait::async_trait;
+use phaseflow::error::Result;
+use phaseflow::event::Event;
+use phaseflow::ids::{ApprovalId, PhaseKey, RoleKey, RunId, SessionId};
+use phaseflow::store::{
+    ApprovalRecord, ArtifactRecord, BeginAttempt, BeginOutcome, Decide, FinishPhase, Finished,
+    MarkBusy, NewRun, OperatorAction, PhaseRecord, PhaseWork, RecordPrompt, RecordVerdict,
+    RunRecord, SessionEvent, SessionRecord, Store, TranscriptChunk,
+};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool};
 use tokio::sync::OnceCell;
@@ -396,6 +405,146 @@ impl Drop for TestDatabase {
             });
         });
         let _ = dropper.join();
+    }
+}
+
+/// A [`PgStore`] on its own fresh, migrated database, which is dropped with it.
+///
+/// It implements [`Store`] by delegating to the [`PgStore`] (and derefs to it), so it can be
+/// handed to generic suites that take a store by value or as `Arc<dyn Store>`:
+///
+/// ```ignore
+/// phaseflow_fake::store_conformance_tests!(phaseflow_pg::testing::TestStore::new().await);
+/// phaseflow_fake::engine_scenario_tests!(async {
+///     std::sync::Arc::new(phaseflow_pg::testing::TestStore::new().await) as Arc<dyn Store>
+/// });
+/// ```
+#[derive(Debug)]
+pub struct TestStore {
+    store: PgStore,
+    database: TestDatabase,
+}
+
+impl TestStore {
+    /// A store on a fresh migrated database.
+    ///
+    /// # Panics
+    /// As [`TestDatabase::migrated`].
+    pub async fn new() -> Self {
+        let database = TestDatabase::migrated().await;
+        Self {
+            store: database.store(),
+            database,
+        }
+    }
+
+    /// The database under the store (for raw SQL, a second pool, its URL).
+    pub fn database(&self) -> &TestDatabase {
+        &self.database
+    }
+}
+
+impl std::ops::Deref for TestStore {
+    type Target = PgStore;
+
+    fn deref(&self) -> &PgStore {
+        &self.store
+    }
+}
+
+#[async_trait]
+impl Store for TestStore {
+    async fn create_run(&self, run: NewRun) -> Result<RunRecord> {
+        self.store.create_run(run).await
+    }
+
+    async fn begin_attempt(&self, cmd: BeginAttempt) -> Result<BeginOutcome> {
+        self.store.begin_attempt(cmd).await
+    }
+
+    async fn claim_phase(&self, work: PhaseWork) -> Result<PhaseRecord> {
+        self.store.claim_phase(work).await
+    }
+
+    async fn mark_busy(&self, cmd: MarkBusy) -> Result<SessionRecord> {
+        self.store.mark_busy(cmd).await
+    }
+
+    async fn record_prompt(&self, cmd: RecordPrompt) -> Result<()> {
+        self.store.record_prompt(cmd).await
+    }
+
+    async fn record_session_event(
+        &self,
+        work: PhaseWork,
+        session: SessionId,
+        event: SessionEvent,
+    ) -> Result<SessionRecord> {
+        self.store.record_session_event(work, session, event).await
+    }
+
+    async fn record_verdict(&self, cmd: RecordVerdict) -> Result<ArtifactRecord> {
+        self.store.record_verdict(cmd).await
+    }
+
+    async fn finish_phase(&self, cmd: FinishPhase) -> Result<Finished> {
+        self.store.finish_phase(cmd).await
+    }
+
+    async fn decide(&self, cmd: Decide) -> Result<Finished> {
+        self.store.decide(cmd).await
+    }
+
+    async fn operate(&self, run: RunId, action: OperatorAction) -> Result<Finished> {
+        self.store.operate(run, action).await
+    }
+
+    async fn append_transcript(
+        &self,
+        session: SessionId,
+        chunks: Vec<TranscriptChunk>,
+    ) -> Result<()> {
+        self.store.append_transcript(session, chunks).await
+    }
+
+    async fn run(&self, run: RunId) -> Result<RunRecord> {
+        self.store.run(run).await
+    }
+
+    async fn phases(&self, run: RunId) -> Result<Vec<PhaseRecord>> {
+        self.store.phases(run).await
+    }
+
+    async fn session(&self, run: RunId, role: &RoleKey) -> Result<Option<SessionRecord>> {
+        self.store.session(run, role).await
+    }
+
+    async fn sessions(&self, run: RunId) -> Result<Vec<SessionRecord>> {
+        self.store.sessions(run).await
+    }
+
+    async fn events(&self, run: RunId, after: u64) -> Result<Vec<Event>> {
+        self.store.events(run, after).await
+    }
+
+    async fn approvals(&self, run: RunId) -> Result<Vec<ApprovalRecord>> {
+        self.store.approvals(run).await
+    }
+
+    async fn approval(&self, id: ApprovalId) -> Result<ApprovalRecord> {
+        self.store.approval(id).await
+    }
+
+    async fn latest_artifact(
+        &self,
+        run: RunId,
+        phase: &PhaseKey,
+    ) -> Result<Option<ArtifactRecord>> {
+        self.store.latest_artifact(run, phase).await
+    }
+
+    async fn transcript(&self, session: SessionId) -> Result<Vec<TranscriptChunk>> {
+        self.store.transcript(session).await
     }
 }
 
