@@ -36,8 +36,8 @@ pub mod prelude {
     pub use phaseflow_macros::{Phase, Workflow};
 }
 
-pub use error::{Error, ErrorClass, ErrorCode, Result};
 pub use engine::{Engine, EngineOptions, PhaseOutcome};
-pub use recovery::RunStatus;
+pub use error::{Error, ErrorClass, ErrorCode, Result};
 pub use phaseflow_macros::{Phase, Workflow};
+pub use recovery::RunStatus;
 pub use typestate::{Phase, Run, StartRun, Workflow};
