@@ -124,7 +124,8 @@ mod sealed {
 
 /// A typestate of a [`Run`] of workflow `W`. Sealed: the states are the types of this module.
 pub trait Stage<W: Workflow>: sealed::Sealed + Sized + fmt::Debug {
-    /// The phase the run is at ([`NoPhase`] once it is completed or ended).
+    /// The phase the run is at (a placeholder that has no instances once it is completed or
+    /// ended).
     type Phase: InWorkflow<W>;
 }
 

@@ -86,6 +86,27 @@ struct Solo;
 #[workflow(name = "solo", phases(Solo))]
 struct OnePhase;
 
+/// Stricter than its schema: the schema does not require `reviewer`.
+#[derive(Debug, Deserialize)]
+struct StrictReport {
+    #[allow(dead_code)]
+    reviewer: String,
+}
+
+#[derive(Phase)]
+#[phase(
+    key = "strict",
+    role = "coder",
+    artifact = "phaseflow/impl.json",
+    schema = "tests/schemas/impl.schema.json",
+    output = StrictReport,
+)]
+struct Strict;
+
+#[derive(Workflow)]
+#[workflow(name = "strict", phases(Strict))]
+struct StrictFlow;
+
 fn valid_review() -> Value {
     json!({ "verdict": "approve", "comments": [] })
 }
@@ -560,4 +581,24 @@ fn the_derives_emit_the_declared_specs() {
         feature.phases(),
         [plan, <Implement as Phase>::SPEC, <Review as Phase>::SPEC]
     );
+}
+
+#[tokio::test]
+async fn an_output_type_that_disagrees_with_the_schema_is_an_output_decode_error() {
+    let world = World::new();
+    world.fake.script("coder", [Script::valid(valid_impl())]);
+    let run = world
+        .engine
+        .start::<StrictFlow>(StartRun::new("TICKET-7", world.worktree.path()))
+        .await
+        .unwrap();
+    let err = run.execute("Implement.").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::OutputDecode);
+    assert!(
+        err.message()
+            .contains("satisfies schema `impl.schema.json` but does not decode into"),
+        "{err}"
+    );
+    assert!(err.message().contains("missing field `reviewer`"), "{err}");
+    assert_eq!(err.phase().map(|p| p.as_str()), Some("strict"));
 }
