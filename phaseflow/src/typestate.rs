@@ -1,16 +1,13 @@
 //! The typed API: a run handle `Run<W, S>` whose type says which phase of workflow `W` it is at
 //! and in which state `S`, so that the compiler refuses what the engine would refuse at run time.
 //!
-//! ```text
-//! Engine::start ──► Ready<P> ──execute()──► Validated<P> ──complete()──────────► Ready<Next> / Completed
-//!                      ▲  ▲                      │                                     ▲
-//!                      │  │                      └─request_approval()─► AwaitingApproval<P>
-//!                      │  │                                              │ approve() ─┘
-//!                      │  └──────────────────────── rework() ────────────┤
-//!                      │                                                 └ reject() ──► Ended
-//!                      │        execute() ──► Paused<P> (failure gate) ── abort() ────► Ended
-//!                      └──────────────────────────── retry() ─┘
-//! ```
+//! | state `S` | reached by | offers |
+//! |---|---|---|
+//! | [`Ready<P>`] | [`Engine::start`] (first phase), finishing the previous phase, `rework()`, `retry()`, [`Engine::resume`] | `execute()` → [`Executed::Valid`] or [`Executed::NeedsHuman`] |
+//! | [`Validated<P>`] | `execute()` | `output()`, `artifact()`; `complete()` → `Ready<Next>` or [`Completed`] when `P` has no gate; `request_approval()` → `AwaitingApproval<P>` when it has one |
+//! | [`AwaitingApproval<P>`] | `request_approval()`, [`Engine::resume`] | `approve()` → `Ready<Next>` or [`Completed`]; `rework()` → `Ready<P>`; `reject()` → [`Ended`]; `decide()`, `decision()`, `wait_decision()` |
+//! | [`Paused<P>`] | `execute()` (failure gate), [`Engine::resume`] | `retry()` → `Ready<P>`; `abort()` → [`Ended`]; `gate()`, `decision()`, `wait_decision()` |
+//! | [`Completed`], [`Ended`] | the transitions above, [`Engine::resume`] | `record()` |
 //!
 //! A handle is thin: the [`Engine`], the [`RunId`] and the state's data. All work is done by the
 //! engine and persisted by its store; the handle only records, in its type, what the store
@@ -499,104 +496,135 @@ impl Engine {
     /// Anything else (a run of another workflow, a phase the workflow does not have, a phase
     /// state the run state does not allow) is an error, never a guess.
     pub async fn resume<W: Workflow>(&self, run: RunId) -> Result<W::State> {
-        let record = self.store().run(run).await?;
-        if record.workflow != W::SPEC.name() {
-            return Err(Error::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "run {run} is a `{}` run, not `{}`",
-                    record.workflow,
-                    W::SPEC.name()
-                ),
-            )
-            .with_run(run)
-            .with_hint("resume it with the workflow type it was started with"));
-        }
-        match record.state {
-            RunState::Completed => {
-                return Ok(W::State::from_completed(Run::assemble(
-                    self.clone(),
-                    run,
-                    Completed { _private: () },
-                )));
+        Ok(match locate(self, run, &W::SPEC).await? {
+            Position::Completed => W::State::from_completed(Run::assemble(
+                self.clone(),
+                run,
+                Completed { _private: () },
+            )),
+            Position::Ended => {
+                W::State::from_ended(Run::assemble(self.clone(), run, Ended { _private: () }))
             }
-            RunState::Failed | RunState::Aborted => {
-                return Ok(W::State::from_ended(Run::assemble(
-                    self.clone(),
-                    run,
-                    Ended { _private: () },
-                )));
-            }
-            RunState::Planning
-            | RunState::Executing
-            | RunState::AwaitingApproval
-            | RunState::Paused => {}
-        }
-        let key = record.current_phase.clone().ok_or_else(|| {
-            Error::corruption(format!(
-                "run {run} is {} but has no current phase",
-                record.state
-            ))
-            .with_run(run)
-        })?;
-        let index = W::SPEC.phases().iter().position(|p| p.key_str() == key.as_str()).ok_or_else(|| {
-            Error::new(
-                ErrorCode::PhaseNotFound,
-                format!("run {run} is at phase `{key}`, which workflow `{}` does not have", W::SPEC.name()),
-            )
-            .with_run(run)
-            .with_hint("the workflow's phases changed since the run started; resume it with the version it was started with")
-        })?;
-        let phase = crate::store::phase_of(self.store().as_ref(), run, &key).await?;
-        let pending = |kind: GateKind| {
-            let key = key.clone();
-            async move {
-                let approvals = self.store().approvals(run).await?;
-                Ok::<_, Error>(
-                    approvals
-                        .into_iter()
-                        .rev()
-                        .find(|a| a.phase == key && a.kind == kind && a.decision.is_none()),
-                )
-            }
-        };
-        let at = match (record.state, phase.state) {
-            (
-                RunState::Planning | RunState::Executing,
-                PhaseState::Pending
-                | PhaseState::Running
-                | PhaseState::AwaitingArtifact
-                | PhaseState::Validating,
-            ) => Resumed::Ready {
-                replay: phase.state != PhaseState::Pending,
-                feedback: phase.feedback,
-            },
-            (RunState::AwaitingApproval, PhaseState::AwaitingApproval) => {
-                let approval = pending(GateKind::Workflow).await?.ok_or_else(|| {
-                    Error::corruption(format!(
-                        "run {run} awaits approval of phase `{key}` but has no undecided workflow request"
-                    ))
-                    .in_phase(run, &key)
-                })?;
-                Resumed::AwaitingApproval(approval)
-            }
-            (RunState::Paused, _) => Resumed::Paused(pending(GateKind::Failure).await?),
-            (run_state, phase_state) => {
-                return Err(Error::corruption(format!(
-                    "run {run} is {run_state} while its current phase `{key}` is {phase_state}"
-                ))
-                .in_phase(run, &key));
-            }
-        };
-        W::State::from_phase(ResumedPhase {
-            engine: self.clone(),
-            run,
-            index,
-            key,
-            at,
-            workflow: PhantomData,
+            Position::At { index, key, at } => W::State::from_phase(ResumedPhase {
+                engine: self.clone(),
+                run,
+                index,
+                key,
+                at: *at,
+                workflow: PhantomData,
+            })?,
         })
     }
+}
+
+/// Where a run stands, as the typed API sees it.
+enum Position {
+    Completed,
+    Ended,
+    At {
+        index: usize,
+        key: PhaseKey,
+        at: Box<Resumed>,
+    },
+}
+
+/// What state a phase handle is in, by the persisted run and phase states (`Engine::resume`'s
+/// table); `None` for combinations the store never leaves behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Ready { replay: bool },
+    AwaitingApproval,
+    Paused,
+}
+
+fn classify(run: RunState, phase: PhaseState) -> Option<Class> {
+    match (run, phase) {
+        (RunState::Planning | RunState::Executing, PhaseState::Pending) => {
+            Some(Class::Ready { replay: false })
+        }
+        (
+            RunState::Planning | RunState::Executing,
+            PhaseState::Running | PhaseState::AwaitingArtifact | PhaseState::Validating,
+        ) => Some(Class::Ready { replay: true }),
+        (RunState::AwaitingApproval, PhaseState::AwaitingApproval) => Some(Class::AwaitingApproval),
+        (RunState::Paused, _) => Some(Class::Paused),
+        _ => None,
+    }
+}
+
+/// Reads run `run` of `workflow` from the engine's store.
+async fn locate(engine: &Engine, run: RunId, workflow: &WorkflowSpec) -> Result<Position> {
+    let store = engine.store().as_ref();
+    let record = store.run(run).await?;
+    if record.workflow != workflow.name() {
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "run {run} is a `{}` run, not `{}`",
+                record.workflow,
+                workflow.name()
+            ),
+        )
+        .with_run(run)
+        .with_hint("resume it with the workflow type it was started with"));
+    }
+    match record.state {
+        RunState::Completed => return Ok(Position::Completed),
+        RunState::Failed | RunState::Aborted => return Ok(Position::Ended),
+        RunState::Planning
+        | RunState::Executing
+        | RunState::AwaitingApproval
+        | RunState::Paused => {}
+    }
+    let key = record.current_phase.clone().ok_or_else(|| {
+        Error::corruption(format!(
+            "run {run} is {} but has no current phase",
+            record.state
+        ))
+        .with_run(run)
+    })?;
+    let index = workflow.phases().iter().position(|p| p.key_str() == key.as_str()).ok_or_else(|| {
+        Error::new(
+            ErrorCode::PhaseNotFound,
+            format!("run {run} is at phase `{key}`, which workflow `{}` does not have", workflow.name()),
+        )
+        .with_run(run)
+        .with_hint("the workflow's phases changed since the run started; resume it with the version it was started with")
+    })?;
+    let phase = crate::store::phase_of(store, run, &key).await?;
+    let undecided = |kind: GateKind| {
+        let key = key.clone();
+        async move {
+            let approvals = store.approvals(run).await?;
+            Ok::<_, Error>(
+                approvals
+                    .into_iter()
+                    .rev()
+                    .find(|a| a.phase == key && a.kind == kind && a.decision.is_none()),
+            )
+        }
+    };
+    let at = match classify(record.state, phase.state) {
+        Some(Class::Ready { replay }) => Resumed::Ready { replay, feedback: phase.feedback },
+        Some(Class::AwaitingApproval) => Resumed::AwaitingApproval(undecided(GateKind::Workflow).await?.ok_or_else(|| {
+            Error::corruption(format!("run {run} awaits approval of phase `{key}` but has no undecided workflow request"))
+                .in_phase(run, &key)
+        })?),
+        // A failure gate has an undecided failure request; an operator's pause has none.
+        Some(Class::Paused) => Resumed::Paused(undecided(GateKind::Failure).await?),
+        None => {
+            return Err(Error::corruption(format!(
+                "run {run} is {} while its current phase `{key}` is {}",
+                record.state, phase.state
+            ))
+            .in_phase(run, &key));
+        }
+    };
+    Ok(Position::At {
+        index,
+        key,
+        at: Box::new(at),
+    })
 }
 
 impl<W: Workflow, S: Stage<W>> Run<W, S> {
@@ -1327,5 +1355,105 @@ impl<W: Workflow, P: InWorkflow<W>> fmt::Debug for PhaseAt<W, P> {
             PhaseAt::AwaitingApproval(run) => f.debug_tuple("AwaitingApproval").field(run).finish(),
             PhaseAt::Paused(run) => f.debug_tuple("Paused").field(run).finish(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_follows_the_resume_table() {
+        use PhaseState as P;
+        use RunState as R;
+        for run in [R::Planning, R::Executing] {
+            assert_eq!(
+                classify(run, P::Pending),
+                Some(Class::Ready { replay: false })
+            );
+            for phase in [P::Running, P::AwaitingArtifact, P::Validating] {
+                assert_eq!(classify(run, phase), Some(Class::Ready { replay: true }));
+            }
+            for phase in [P::AwaitingApproval, P::Completed, P::Failed] {
+                assert_eq!(classify(run, phase), None, "{run} / {phase}");
+            }
+        }
+        assert_eq!(
+            classify(R::AwaitingApproval, P::AwaitingApproval),
+            Some(Class::AwaitingApproval)
+        );
+        assert_eq!(classify(R::AwaitingApproval, P::Running), None);
+        for phase in P::ALL {
+            assert_eq!(classify(R::Paused, *phase), Some(Class::Paused));
+        }
+        for run in [R::Completed, R::Failed, R::Aborted] {
+            assert_eq!(
+                classify(run, P::Completed),
+                None,
+                "terminal runs are not classified by phase"
+            );
+        }
+    }
+
+    #[test]
+    fn next_stages_agree_only_with_the_run_they_lead_to() {
+        use crate::spec::PhaseSpec;
+
+        struct First;
+        struct Second;
+        struct Flow;
+        #[derive(Debug)]
+        enum NoState {}
+        impl WorkflowState for NoState {
+            type Workflow = Flow;
+            fn from_phase(at: ResumedPhase<Flow>) -> Result<Self> {
+                Err(at.out_of_range())
+            }
+            fn from_completed(_: Run<Flow, Completed>) -> Self {
+                unreachable!("not resumed in this test")
+            }
+            fn from_ended(_: Run<Flow, Ended>) -> Self {
+                unreachable!("not resumed in this test")
+            }
+        }
+        impl Phase for First {
+            const SPEC: PhaseSpec = PhaseSpec::new("first", "r", "a.json", "s", "{}");
+            type Output = ();
+        }
+        impl Phase for Second {
+            const SPEC: PhaseSpec = PhaseSpec::new("second", "r", "b.json", "s", "{}");
+            type Output = ();
+        }
+        impl Workflow for Flow {
+            const SPEC: WorkflowSpec = WorkflowSpec::new("flow", &[First::SPEC, Second::SPEC]);
+            type First = First;
+            type State = NoState;
+        }
+        impl InWorkflow<Flow> for First {
+            const INDEX: usize = 0;
+            type Next = Ready<Second>;
+        }
+        impl InWorkflow<Flow> for Second {
+            const INDEX: usize = 1;
+            type Next = Completed;
+        }
+
+        let mut run = RunRecord {
+            id: RunId::new(),
+            workflow: "flow".into(),
+            subject: "s".into(),
+            worktree: "/w".into(),
+            state: RunState::Executing,
+            paused_from: None,
+            current_phase: Some("second".into()),
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+        };
+        assert!(<Ready<Second> as NextStage<Flow>>::agrees(&run));
+        assert!(!<Completed as NextStage<Flow>>::agrees(&run));
+        run.current_phase = Some("first".into());
+        assert!(!<Ready<Second> as NextStage<Flow>>::agrees(&run));
+        run.state = RunState::Completed;
+        run.current_phase = None;
+        assert!(<Completed as NextStage<Flow>>::agrees(&run));
     }
 }
