@@ -1,7 +1,7 @@
 //! Expansion: valid definitions to tokens. Generated code names phaseflow only through
 //! `::phaseflow::__private`, and holds data and marker impls — never an algorithm.
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{DeriveInput, Ident};
@@ -127,8 +127,12 @@ fn workflow_impls(input: &DeriveInput, def: &WorkflowDef) -> TokenStream {
             #variant(::phaseflow::__private::PhaseAt<#ident, #path>)
         }
     });
+    // A binding in a pattern resolves to a same-named const of the user's if there is one, even
+    // with mixed-site hygiene; these names cannot plausibly be a user's const.
+    let at = Ident::new("__phaseflow_at", Span::mixed_site());
+    let run = Ident::new("__phaseflow_run", Span::mixed_site());
     let arms = phases.iter().enumerate().map(|(index, PhaseRef { path, variant })| {
-        quote!(#index => at.into_phase::<#path>().map(Self::#variant),)
+        quote!(#index => #at.into_phase::<#path>().map(Self::#variant),)
     });
     let unique_keys = duplicate_key_checks(ident, phases);
     let doc = format!(
@@ -162,24 +166,24 @@ fn workflow_impls(input: &DeriveInput, def: &WorkflowDef) -> TokenStream {
             type Workflow = #ident;
 
             fn from_phase(
-                at: ::phaseflow::__private::ResumedPhase<#ident>,
+                #at: ::phaseflow::__private::ResumedPhase<#ident>,
             ) -> ::phaseflow::__private::Result<Self> {
-                match at.index() {
+                match #at.index() {
                     #(#arms)*
-                    _ => ::phaseflow::__private::Err(at.out_of_range()),
+                    _ => ::phaseflow::__private::Err(#at.out_of_range()),
                 }
             }
 
             fn from_completed(
-                run: ::phaseflow::__private::Run<#ident, ::phaseflow::__private::Completed>,
+                #run: ::phaseflow::__private::Run<#ident, ::phaseflow::__private::Completed>,
             ) -> Self {
-                Self::Completed(run)
+                Self::Completed(#run)
             }
 
             fn from_ended(
-                run: ::phaseflow::__private::Run<#ident, ::phaseflow::__private::Ended>,
+                #run: ::phaseflow::__private::Run<#ident, ::phaseflow::__private::Ended>,
             ) -> Self {
-                Self::Ended(run)
+                Self::Ended(#run)
             }
         }
 
@@ -201,16 +205,16 @@ fn duplicate_key_checks<'a>(
                 pa.to_token_stream().to_string().replace(' ', ""),
                 pb.to_token_stream().to_string().replace(' ', ""),
             );
+            let key_a = quote!(<#pa as ::phaseflow::__private::Phase>::SPEC.key_str());
+            let key_b = quote!(<#pb as ::phaseflow::__private::Phase>::SPEC.key_str());
             quote_spanned! {pb.span()=>
                 const _: () = {
-                    let a = <#pa as ::phaseflow::__private::Phase>::SPEC.key_str();
-                    let b = <#pb as ::phaseflow::__private::Phase>::SPEC.key_str();
-                    if ::phaseflow::__private::str_eq(a, b) {
+                    if ::phaseflow::__private::str_eq(#key_a, #key_b) {
                         ::phaseflow::__private::panic!(
                             "{}",
                             ::phaseflow::__private::ConstMessage::new()
                                 .push(#prefix)
-                                .push(a)
+                                .push(#key_a)
                                 .push("`; each phase of a workflow needs its own key")
                                 .as_str()
                         );
