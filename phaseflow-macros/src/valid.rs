@@ -381,7 +381,8 @@ fn repair_budget(expr: &Expr) -> Result<u32, String> {
         Expr::Unary(ExprUnary {
             op: UnOp::Neg(_), ..
         }) => Err(format!(
-            "`repair_budget` cannot be negative; use `repair_budget = 0` for no repair prompts ({usage})"
+            "`repair_budget = {}` is negative; it counts repair prompts, from 0 (none) to {MAX_REPAIR_BUDGET}",
+            expr.to_token_stream().to_string().replace(' ', "")
         )),
         Expr::Lit(ExprLit {
             lit: Lit::Str(s), ..
@@ -448,7 +449,7 @@ mod tests {
         );
         assert!(errors[3].contains("escapes the worktree"));
         assert!(errors[4].starts_with("schema file `schemas/nope.json` not found"));
-        assert!(errors[5].starts_with("`repair_budget` cannot be negative"));
+        assert!(errors[5].starts_with("`repair_budget = -1` is negative"));
     }
 
     #[test]
@@ -504,10 +505,9 @@ mod tests {
                 .unwrap_err()
                 .contains("too large")
         );
-        assert!(
-            budget(parse_quote!(-1))
-                .unwrap_err()
-                .contains("cannot be negative")
+        assert_eq!(
+            budget(parse_quote!(-1)).unwrap_err(),
+            "`repair_budget = -1` is negative; it counts repair prompts, from 0 (none) to 16"
         );
         assert!(
             budget(parse_quote!("2"))
