@@ -123,6 +123,17 @@ async fn main() -> Result<(), Box<dyn Error>> {
         }
     };
 
+    if let Some(prompt) = agent
+        .deliveries()
+        .iter()
+        .find(|p| p.phase.as_str() == "plan" && p.attempt == 2)
+    {
+        println!("  the planner's second prompt:");
+        for line in prompt.instructions.lines() {
+            println!("{}", format!("    │ {line}").trim_end());
+        }
+    }
+
     println!("\n── orchestrator: implement");
     let done = match implement.execute("Implement the approved plan.").await? {
         Executed::Valid(implemented) => implemented.complete()?,

@@ -162,7 +162,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     {
         println!("  the repair prompt the coder received (attempt 2):");
         for line in repair.instructions.lines() {
-            println!("    │ {line}");
+            println!("{}", format!("    │ {line}").trim_end());
         }
     }
 

@@ -14,3 +14,8 @@ pub mod agents;
 pub mod backend;
 pub mod recovery;
 pub mod timeline;
+
+/// The README's quickstart, compiled and run as a doc-test so that it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeQuickstart;

@@ -3,10 +3,11 @@
 //! with its instance path, that sent a repair prompt.
 //!
 //! ```text
-//!      0 ms  ·          run.created          workflow `feature`: plan → implement → review
-//!      2 ms  plan       phase.started        attempt 1 (initial)
-//!     31 ms  implement  artifact.invalid     phaseflow/impl.json sha256 5d1c0e2a7b90 — 2 errors:
-//!                                              /changed_files: [] has less than 1 item
+//!      61 ms  implement  prompt.sent          attempt 1, prompt 946d90c91dd7
+//!      61 ms  implement  artifact.expected    attempt 1 waits for phaseflow/impl.json (impl.schema.json)
+//!     120 ms  implement  artifact.invalid     phaseflow/impl.json sha256 87abe76c3acc — 2 errors:
+//!                                               /changed_files: [] has less than 1 item
+//!                                               /tests_passed: "yes" is not of type "boolean"
 //! ```
 //!
 //! [`Timeline::catch_up`] reads the events appended since the last call
@@ -28,6 +29,8 @@ pub struct Timeline {
     after: u64,
     origin: Option<OffsetDateTime>,
     worktree: Option<String>,
+    /// The phase of the last event that named one: session and decision events belong to it.
+    phase: Option<String>,
 }
 
 impl Timeline {
@@ -39,6 +42,7 @@ impl Timeline {
             after: 0,
             origin: None,
             worktree: None,
+            phase: None,
         }
     }
 
@@ -55,6 +59,9 @@ impl Timeline {
         for event in events {
             self.after = event.seq;
             let origin = *self.origin.get_or_insert(event.at);
+            if let Some(phase) = event.kind.phase() {
+                self.phase = Some(phase.to_string());
+            }
             lines.extend(self.render(&event, origin));
         }
         Ok(lines)
@@ -73,7 +80,16 @@ impl Timeline {
 
     fn render(&self, event: &Event, origin: OffsetDateTime) -> Vec<String> {
         let elapsed = (event.at - origin).whole_milliseconds().max(0);
-        let phase = event.kind.phase().map_or("·", |p| p.as_str());
+        let phase = match &event.kind {
+            EventKind::RunCreated { .. }
+            | EventKind::RunStarted
+            | EventKind::RunPaused { .. }
+            | EventKind::RunResumed { .. }
+            | EventKind::RunCompleted
+            | EventKind::RunFailed { .. }
+            | EventKind::RunAborted { .. } => "·",
+            _ => self.phase.as_deref().unwrap_or("·"),
+        };
         let (detail, issues) = self.detail(&event.kind);
         let head = format!(
             "  {elapsed:>6} ms  {phase:<10} {:<20} {detail}",
@@ -108,7 +124,7 @@ impl Timeline {
                 format!("attempt {attempt} ({kind}{reason})")
             }
             EventKind::SessionCreated { session, role } => {
-                format!("role {role}, session {}", short(&session.to_string()))
+                format!("role {role}, session {}", &session.to_string()[..8])
             }
             EventKind::SessionReady {
                 role,
