@@ -76,6 +76,9 @@ async fn demo() -> Result<(), Box<dyn Error>> {
 
     let worktree = tempfile::tempdir()?;
     let agents_dir = worktree.path().join(".agents");
+    // The coder starts on its report only once this file exists, so that the kill below always
+    // lands while the phase awaits the artifact, however slow the machine.
+    let coder_may_work = worktree.path().join("coder-may-work");
     println!("worktree: {}", worktree.path().display());
 
     // This process only creates the run and watches the store; the orchestrators do the work.
@@ -91,13 +94,13 @@ async fn demo() -> Result<(), Box<dyn Error>> {
         database_url,
         run,
         agents_dir,
-        coder_work: Duration::from_millis(1000),
-        coder_hold: None,
+        coder_work: Duration::from_millis(500),
+        coder_hold: Some(coder_may_work.clone()),
         freeze_after_delivery: false,
     };
     let program = std::env::current_exe()?;
 
-    println!("▶ orchestrator 1 starts the run (the coder agent needs about 1 s for its report)");
+    println!("▶ orchestrator 1 starts the run");
     let first = Orchestrator::spawn(&program, &task, "orchestrator 1")?;
     let first_pid = first.pid();
     let implement = Implement::SPEC.key();
@@ -120,7 +123,11 @@ async fn demo() -> Result<(), Box<dyn Error>> {
         "  the coder's journal: {} prompt(s) received",
         journal.entries()?.len()
     );
-    println!("  the coder keeps working in its own process; nobody waits for it now\n");
+    std::fs::write(&coder_may_work, "")?;
+    println!(
+        "  the coder, held until now so that the kill lands mid-phase, works on its report \
+         (0.5 s) in its own process; nobody waits for it\n"
+    );
 
     println!("▶ orchestrator 2: a fresh process resumes the run from PostgreSQL");
     let second = Orchestrator::spawn(&program, &task, "orchestrator 2")?;
