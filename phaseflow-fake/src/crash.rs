@@ -123,12 +123,24 @@ fn crash_error(call: &str, crashed: &str) -> Error {
 pub struct CrashingStore {
     inner: Arc<dyn Store>,
     switch: CrashSwitch,
+    session_view: Option<fn(SessionRecord) -> SessionRecord>,
 }
 
 impl CrashingStore {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn Store>, switch: CrashSwitch) -> Self {
-        Self { inner, switch }
+        Self {
+            inner,
+            switch,
+            session_view: None,
+        }
+    }
+
+    /// Rewrites every session the store reads back, to simulate state written by someone else
+    /// (another engine, an operator's tool) that the engine must refuse to build on.
+    pub fn with_session_view(mut self, view: fn(SessionRecord) -> SessionRecord) -> Self {
+        self.session_view = Some(view);
+        self
     }
 }
 
@@ -209,9 +221,14 @@ impl Store for CrashingStore {
         self.switch.guard("phases", self.inner.phases(run)).await
     }
     async fn session(&self, run: RunId, role: &RoleKey) -> Result<Option<SessionRecord>> {
-        self.switch
+        let session = self
+            .switch
             .guard("session", self.inner.session(run, role))
-            .await
+            .await?;
+        Ok(match self.session_view {
+            Some(view) => session.map(view),
+            None => session,
+        })
     }
     async fn sessions(&self, run: RunId) -> Result<Vec<SessionRecord>> {
         self.switch

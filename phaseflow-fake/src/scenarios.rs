@@ -867,6 +867,45 @@ pub async fn session_start_failures(store: Arc<dyn Store>) {
     assert_eq!(h.run_now().await.state, RunState::Failed);
 }
 
+/// A session marked FAILED_NEEDS_HUMAN (by another engine or a tool) is never resumed: the
+/// attempt stops with `session_failed_needs_human` before any session call or prompt.
+pub async fn failed_session_not_resumed(store: Arc<dyn Store>) {
+    use crate::crash::{CrashSwitch, CrashingStore};
+    let h = Harness::new(store.clone(), &FEATURE).await;
+    h.fake.script("planner", [Script::valid(valid_plan())]);
+    let approval = awaiting(h.execute(&PLAN).await.expect("plan runs"));
+    let rework = Decision::Rework {
+        feedback: "More detail.".into(),
+    };
+    h.engine
+        .decide(approval.id, rework, "ada", None)
+        .await
+        .expect("rework");
+    // The planner session exists; this engine reads it as FAILED_NEEDS_HUMAN.
+    let failed = CrashingStore::new(store, CrashSwitch::never()).with_session_view(|mut s| {
+        s.state = SessionState::FailedNeedsHuman;
+        s
+    });
+    let engine = Engine::new(Arc::new(failed), Arc::new(h.fake.clone()))
+        .with_options(h.engine.options().clone());
+    let calls = h.fake.calls().len();
+    let error = engine
+        .execute_phase(h.id(), &PLAN, "Plan it.")
+        .await
+        .expect_err("refused");
+    assert_eq!(error.code(), ErrorCode::SessionFailedNeedsHuman, "{error}");
+    assert_eq!(error.class(), ErrorClass::HumanRequired);
+    assert_eq!(h.fake.calls().len(), calls, "the session was not touched");
+    assert_eq!(h.fake.deliveries().len(), 1, "no second prompt");
+    let types = h.event_types().await;
+    assert_eq!(
+        types.last().map(String::as_str),
+        Some("phase.started"),
+        "{types:?}"
+    );
+    assert_eq!(h.phase("plan").await.state, PhaseState::Running);
+}
+
 /// A failure gate decided *retry*: back to `executing`, a new attempt with a fresh budget.
 pub async fn failure_gate_retry(store: Arc<dyn Store>) {
     let h = Harness::new(store, &SOLO).await;
@@ -1106,6 +1145,7 @@ macro_rules! engine_scenario_tests {
             repair_budget_zero, repair_budget_three, timeout_recovers_then_valid,
             timeout_twice_gates, timeout_dead_session_gates, rebootstrap_failure_gates,
             send_failures, fatal_send_fails_run, session_start_failures, failure_gate_retry,
+            failed_session_not_resumed,
             run_changed_while_in_flight, artifact_paths_confined, stale_and_slow_artifacts,
         );
     };

@@ -16,7 +16,7 @@ use serde_json::json;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::artifact::{
-    self, ArtifactLocation, CompiledSchema, DEFAULT_MAX_ARTIFACT_BYTES, Signature, WaitOptions,
+    self, ArtifactLocation, ArtifactWatch, CompiledSchema, DEFAULT_MAX_ARTIFACT_BYTES, WaitOptions,
     WaitOutcome,
 };
 use crate::envelope::EnvelopeContent;
@@ -381,11 +381,11 @@ enum Step {
         origin: SessionOrigin,
         replay: bool,
     },
-    /// Wait for the artifact file.
+    /// Wait for the artifact file (the watch was armed before the prompt went out).
     AwaitArtifact {
         attempt: Attempt,
         session: SessionRecord,
-        baseline: Option<Signature>,
+        watch: ArtifactWatch,
     },
     /// Read, hash, parse and validate the file on disk.
     Validate {
@@ -560,9 +560,9 @@ impl Executor<'_> {
             Step::AwaitArtifact {
                 attempt,
                 session,
-                baseline,
-            } => self.await_artifact(attempt, session, baseline).await,
-            Step::Validate { attempt, session } => Ok(self.validate(attempt, session)),
+                watch,
+            } => self.await_artifact(attempt, session, watch).await,
+            Step::Validate { attempt, session } => self.validate(attempt, session).await,
             Step::Route {
                 attempt,
                 session,
@@ -737,7 +737,7 @@ impl Executor<'_> {
                 Ok(Step::AwaitArtifact {
                     attempt,
                     session: s,
-                    baseline: None,
+                    watch: ArtifactWatch::arm(&self.location, None),
                 })
             }
             (PhaseState::Validating, Some(s)) if busy_with_this_prompt(&s) => {
@@ -953,6 +953,8 @@ impl Executor<'_> {
                 }
             }
         };
+        // Armed before the prompt goes out, so an agent that writes fast is seen at once.
+        let watch = ArtifactWatch::arm(&self.location, baseline.as_ref());
         let runtime = &self.engine.sessions;
         let sent = with_retries(self.engine.options.send_retries, || {
             runtime.send_prompt(session.id, &envelope)
@@ -975,7 +977,7 @@ impl Executor<'_> {
         Ok(Step::AwaitArtifact {
             attempt,
             session,
-            baseline,
+            watch,
         })
     }
 
@@ -983,10 +985,9 @@ impl Executor<'_> {
         &self,
         attempt: Attempt,
         session: SessionRecord,
-        baseline: Option<Signature>,
+        mut watch: ArtifactWatch,
     ) -> Result<Step> {
-        match artifact::wait_for(&self.location, baseline.as_ref(), &self.engine.options.wait).await
-        {
+        match watch.wait(&self.engine.options.wait).await {
             Ok(WaitOutcome::Ready) => Ok(Step::Validate { attempt, session }),
             Ok(WaitOutcome::TimedOut) => {
                 let session = self
@@ -1029,19 +1030,27 @@ impl Executor<'_> {
         }
     }
 
-    fn validate(&self, attempt: Attempt, session: SessionRecord) -> Step {
-        match artifact::inspect(
-            &self.location,
-            &self.schema,
-            self.engine.options.max_artifact_bytes,
-        ) {
+    async fn validate(&self, attempt: Attempt, session: SessionRecord) -> Result<Step> {
+        // Reading and hashing up to the size cap is blocking work.
+        let (location, schema) = (self.location.clone(), self.schema.clone());
+        let max_bytes = self.engine.options.max_artifact_bytes;
+        let inspected =
+            tokio::task::spawn_blocking(move || artifact::inspect(&location, &schema, max_bytes))
+                .await
+                .unwrap_or_else(|join| {
+                    Err(Error::new(
+                        ErrorCode::WorkspacePermissions,
+                        format!("inspecting the artifact did not finish: {join}"),
+                    ))
+                });
+        Ok(match inspected {
             Ok(verdict) => Step::Route {
                 attempt,
                 session,
                 verdict,
             },
             Err(error) => self.on_error(Stage::Artifact, attempt, Some(session), error),
-        }
+        })
     }
 
     async fn route(

@@ -67,7 +67,9 @@ impl EnvelopeContent {
             "schema_id": self.schema_id,
             "instructions": self.instructions,
         });
-        DedupKey::from_hex(hex::encode(Sha256::digest(canonical_json(&value).as_bytes())))
+        DedupKey::from_hex(hex::encode(Sha256::digest(
+            canonical_json(&value).as_bytes(),
+        )))
     }
 
     /// Seals the content into an envelope with a fresh uuid.
@@ -142,9 +144,10 @@ mod tests {
 
     #[test]
     fn canonical_json_sorts_keys_and_drops_whitespace() {
-        let value: Value =
-            serde_json::from_str(r#"{ "b": [1, {"z": null, "a": true}], "a": "x\ny", "ä": 1.5, "B": -7 }"#)
-                .unwrap();
+        let value: Value = serde_json::from_str(
+            r#"{ "b": [1, {"z": null, "a": true}], "a": "x\ny", "ä": 1.5, "B": -7 }"#,
+        )
+        .unwrap();
         assert_eq!(
             canonical_json(&value),
             r#"{"B":-7,"a":"x\ny","b":[1,{"a":true,"z":null}],"ä":1.5}"#

@@ -173,7 +173,9 @@ impl Error {
             format!("run {run} is {state}; phase work stopped and nothing was written"),
         )
         .with_run(run)
-        .with_hint("someone paused, aborted or finished the run; resume it once it is executing again")
+        .with_hint(
+            "someone paused, aborted or finished the run; resume it once it is executing again",
+        )
     }
 
     /// Overrides the class.
@@ -277,9 +279,12 @@ mod tests {
     #[test]
     fn display_says_what_code_class_where_and_what_next() {
         let run = RunId::new();
-        let err = Error::new(ErrorCode::ArtifactTooLarge, "artifact is 9 MiB, cap is 4 MiB")
-            .in_phase(run, &PhaseKey::new("plan"))
-            .with_hint("raise the cap or ask the agent for a smaller artifact");
+        let err = Error::new(
+            ErrorCode::ArtifactTooLarge,
+            "artifact is 9 MiB, cap is 4 MiB",
+        )
+        .in_phase(run, &PhaseKey::new("plan"))
+        .with_hint("raise the cap or ask the agent for a smaller artifact");
         assert_eq!(
             err.to_string(),
             format!(
@@ -290,7 +295,10 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for code in [ErrorCode::RunStateChanged, ErrorCode::InternalStateCorruption] {
+        for code in [
+            ErrorCode::RunStateChanged,
+            ErrorCode::InternalStateCorruption,
+        ] {
             assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
         }
         assert_eq!(ErrorCode::parse("nope"), None);

@@ -373,26 +373,55 @@ impl EventKind {
             | EventKind::PhaseCompleted { phase, attempt }
             | EventKind::PhaseFailed { phase, attempt, .. } => format!("{ty}:{phase}:{attempt}"),
             EventKind::SessionCreated { session, .. } => format!("{ty}:{session}"),
-            EventKind::SessionReady { session, recovery_attempts, .. }
-            | EventKind::SessionCrashed { session, recovery_attempts }
-            | EventKind::SessionRecovered { session, recovery_attempts } => {
+            EventKind::SessionReady {
+                session,
+                recovery_attempts,
+                ..
+            }
+            | EventKind::SessionCrashed {
+                session,
+                recovery_attempts,
+            }
+            | EventKind::SessionRecovered {
+                session,
+                recovery_attempts,
+            } => {
                 format!("{ty}:{session}:{recovery_attempts}")
             }
-            EventKind::SessionBusy { session, dedup } | EventKind::SessionIdle { session, dedup } => {
+            EventKind::SessionBusy { session, dedup }
+            | EventKind::SessionIdle { session, dedup } => {
                 format!("{ty}:{session}:{dedup}")
             }
-            EventKind::SessionFailed { session, phase, attempt, .. } => {
+            EventKind::SessionFailed {
+                session,
+                phase,
+                attempt,
+                ..
+            } => {
                 format!("{ty}:{session}:{phase}:{attempt}")
             }
             EventKind::PromptSent { dedup, .. } | EventKind::PromptRepaired { dedup, .. } => {
                 format!("{ty}:{dedup}")
             }
-            EventKind::ArtifactExpected { phase, attempt, path, .. }
-            | EventKind::ArtifactTimeout { phase, attempt, path } => {
+            EventKind::ArtifactExpected {
+                phase,
+                attempt,
+                path,
+                ..
+            }
+            | EventKind::ArtifactTimeout {
+                phase,
+                attempt,
+                path,
+            } => {
                 format!("{ty}:{phase}:{attempt}:{path}")
             }
-            EventKind::ArtifactValidated { phase, path, hash, .. }
-            | EventKind::ArtifactInvalid { phase, path, hash, .. } => {
+            EventKind::ArtifactValidated {
+                phase, path, hash, ..
+            }
+            | EventKind::ArtifactInvalid {
+                phase, path, hash, ..
+            } => {
                 format!("{ty}:{phase}:{path}:{hash}")
             }
             EventKind::ApprovalRequested { key, .. } | EventKind::ApprovalDecided { key, .. } => {
@@ -470,6 +499,11 @@ mod tests {
         assert!(Decision::Approve.fits(GateKind::Workflow));
         assert!(!Decision::Approve.fits(GateKind::Failure));
         assert!(Decision::Retry.fits(GateKind::Failure));
-        assert!(!Decision::Rework { feedback: "x".into() }.fits(GateKind::Failure));
+        assert!(
+            !Decision::Rework {
+                feedback: "x".into()
+            }
+            .fits(GateKind::Failure)
+        );
     }
 }

@@ -85,7 +85,10 @@ state_enum! {
 impl RunState {
     /// Completed, failed and aborted runs never change again.
     pub const fn is_terminal(self) -> bool {
-        matches!(self, RunState::Completed | RunState::Failed | RunState::Aborted)
+        matches!(
+            self,
+            RunState::Completed | RunState::Failed | RunState::Aborted
+        )
     }
 
     /// Phase work may only write while the run is planning or executing; every other state
@@ -169,7 +172,10 @@ mod tests {
 
     #[test]
     fn only_planning_and_executing_allow_phase_work() {
-        let allowed: Vec<_> = RunState::ALL.iter().filter(|s| s.allows_phase_work()).collect();
+        let allowed: Vec<_> = RunState::ALL
+            .iter()
+            .filter(|s| s.allows_phase_work())
+            .collect();
         assert_eq!(allowed, [&RunState::Planning, &RunState::Executing]);
     }
 }

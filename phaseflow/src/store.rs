@@ -489,7 +489,11 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     /// Stores transcript chunks (any run state: a transcript is evidence, not phase work) and
     /// advances `last_capture_seq`.
-    async fn append_transcript(&self, session: SessionId, chunks: Vec<TranscriptChunk>) -> Result<()>;
+    async fn append_transcript(
+        &self,
+        session: SessionId,
+        chunks: Vec<TranscriptChunk>,
+    ) -> Result<()>;
 
     /// The run.
     async fn run(&self, run: RunId) -> Result<RunRecord>;
@@ -513,7 +517,8 @@ pub trait Store: Send + Sync + Debug + 'static {
     async fn approval(&self, id: ApprovalId) -> Result<ApprovalRecord>;
 
     /// The most recently recorded artifact of a phase.
-    async fn latest_artifact(&self, run: RunId, phase: &PhaseKey) -> Result<Option<ArtifactRecord>>;
+    async fn latest_artifact(&self, run: RunId, phase: &PhaseKey)
+    -> Result<Option<ArtifactRecord>>;
 
     /// The stored transcript of a session, in order.
     async fn transcript(&self, session: SessionId) -> Result<Vec<TranscriptChunk>>;
@@ -532,6 +537,8 @@ pub async fn phase_of(store: &dyn Store, run: RunId, phase: &PhaseKey) -> Result
                 format!("run {run} has no phase `{phase}`"),
             )
             .with_run(run)
-            .with_hint("check that the workflow passed to the engine is the one the run was created with")
+            .with_hint(
+                "check that the workflow passed to the engine is the one the run was created with",
+            )
         })
 }
