@@ -469,11 +469,10 @@ mod tests {
 
     use super::*;
 
-    /// The prompt of `attempt`, for a run named after the worktree so that rebuilding it gives
-    /// the same dedup key.
-    fn envelope(worktree: &Path, attempt: u32) -> PromptEnvelope {
+    /// The prompt of `attempt` of a run; rebuilding it gives a new uuid and the same dedup key.
+    fn envelope(worktree: &Path, run: RunId, attempt: u32) -> PromptEnvelope {
         EnvelopeContent {
-            run: run_of(worktree),
+            run,
             role: RoleKey::new("coder"),
             phase: PhaseKey::new("implement"),
             attempt,
@@ -482,21 +481,6 @@ mod tests {
             instructions: "Implement it.\nCarefully.".into(),
         }
         .into_envelope()
-    }
-
-    fn run_of(worktree: &Path) -> RunId {
-        let digest = phaseflow::ids::ContentHash::of(worktree.as_os_str().as_encoded_bytes());
-        let hex = &digest.as_str()[..32];
-        format!(
-            "{}-{}-{}-{}-{}",
-            &hex[..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..]
-        )
-        .parse()
-        .unwrap()
     }
 
     async fn started(agents: &JournaledAgents, worktree: &Path) -> SessionId {
@@ -516,11 +500,12 @@ mod tests {
     #[tokio::test]
     async fn a_second_runtime_on_the_same_directory_does_not_deliver_again() {
         let worktree = tempfile::tempdir().unwrap();
+        let run = RunId::new();
         let dir = worktree.path().join(".agents");
         let first =
             JournaledAgents::new(&dir).script("coder", [AgentStep::writes(json!({"a": 1}))]);
         let session = started(&first, worktree.path()).await;
-        let prompt = envelope(worktree.path(), 1);
+        let prompt = envelope(worktree.path(), run, 1);
 
         assert_eq!(
             first.send_prompt(session, &prompt).await.unwrap(),
@@ -529,7 +514,7 @@ mod tests {
         // "Another process": a fresh runtime over the same directory, and a rebuilt envelope.
         let second = JournaledAgents::new(&dir);
         second.resume(session).await.unwrap();
-        let again = envelope(worktree.path(), 1);
+        let again = envelope(worktree.path(), run, 1);
         assert_ne!(again.uuid, prompt.uuid);
         assert_eq!(
             second.send_prompt(session, &again).await.unwrap(),
@@ -559,6 +544,7 @@ mod tests {
     #[tokio::test]
     async fn the_agent_writes_in_its_own_process_after_the_hold_is_lifted() {
         let worktree = tempfile::tempdir().unwrap();
+        let run = RunId::new();
         let hold = worktree.path().join("go");
         let agents = JournaledAgents::new(worktree.path().join(".agents")).script(
             "coder",
@@ -568,7 +554,7 @@ mod tests {
             ],
         );
         let session = started(&agents, worktree.path()).await;
-        let first = envelope(worktree.path(), 1);
+        let first = envelope(worktree.path(), run, 1);
         let artifact = PathBuf::from(&first.artifact_path);
         agents.send_prompt(session, &first).await.unwrap();
 
@@ -580,7 +566,7 @@ mod tests {
 
         fs::remove_file(&artifact).unwrap();
         agents
-            .send_prompt(session, &envelope(worktree.path(), 2))
+            .send_prompt(session, &envelope(worktree.path(), run, 2))
             .await
             .unwrap();
         assert_eq!(
@@ -603,12 +589,13 @@ mod tests {
     #[tokio::test]
     async fn disposed_and_unknown_sessions_are_refused() {
         let worktree = tempfile::tempdir().unwrap();
+        let run = RunId::new();
         let agents = JournaledAgents::new(worktree.path().join(".agents"));
         let session = started(&agents, worktree.path()).await;
         agents.dispose(session).await.unwrap();
         assert!(!agents.probe(session).await.unwrap().alive);
         let error = agents
-            .send_prompt(session, &envelope(worktree.path(), 1))
+            .send_prompt(session, &envelope(worktree.path(), run, 1))
             .await
             .unwrap_err();
         assert_eq!(error.code(), ErrorCode::SessionNotFound);
