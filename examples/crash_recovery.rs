@@ -97,11 +97,12 @@ async fn demo() -> Result<(), Box<dyn Error>> {
         coder_work: Duration::from_millis(500),
         coder_hold: Some(coder_may_work.clone()),
         freeze_after_delivery: false,
+        untyped: false,
     };
     let program = std::env::current_exe()?;
 
     println!("▶ orchestrator 1 starts the run");
-    let first = Orchestrator::spawn(&program, &task, "orchestrator 1")?;
+    let mut first = Orchestrator::spawn(&program, &task, "orchestrator 1")?;
     let first_pid = first.pid();
     let implement = Implement::SPEC.key();
     wait_for_phase(
@@ -130,7 +131,7 @@ async fn demo() -> Result<(), Box<dyn Error>> {
     );
 
     println!("▶ orchestrator 2: a fresh process resumes the run from PostgreSQL");
-    let second = Orchestrator::spawn(&program, &task, "orchestrator 2")?;
+    let mut second = Orchestrator::spawn(&program, &task, "orchestrator 2")?;
     let second_pid = second.pid();
     let status = second.wait(Duration::from_secs(60))?;
     if !status.success() {

@@ -23,6 +23,7 @@ use phaseflow::session::{Delivery, Probe, SessionRuntime, StartSession};
 use phaseflow::state::PhaseState;
 use phaseflow::store::{Store, TranscriptChunk, phase_of};
 use phaseflow::typestate::InWorkflow;
+use phaseflow::{PhaseOutcome, RunStatus};
 use phaseflow_pg::PgStore;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -100,6 +101,9 @@ pub struct OrchestratorTask {
     /// Freeze right after a prompt reached an agent, before the engine records it: the window
     /// in which a crash leaves a delivered prompt that the store does not know was delivered.
     pub freeze_after_delivery: bool,
+    /// Drive the run with the untyped [`Engine::resume_any`], as a tool that does not know the
+    /// workflow type would, instead of [`Engine::resume`].
+    pub untyped: bool,
 }
 
 impl OrchestratorTask {
@@ -184,6 +188,9 @@ pub async fn orchestrate(task: &OrchestratorTask) -> Result<()> {
     };
     let engine = Engine::new(store.clone(), sessions);
     let run = task.run;
+    if task.untyped {
+        return orchestrate_untyped(engine, run).await;
+    }
     let review = match engine.resume::<Hotfix>(run).await? {
         HotfixState::Implement(PhaseAt::Ready(implement)) => {
             announce(store.as_ref(), run, &Implement::SPEC.key()).await?;
@@ -209,6 +216,46 @@ pub async fn orchestrate(task: &OrchestratorTask) -> Result<()> {
     let done = reviewed.complete()?;
     println!("run {} completed", done.id());
     Ok(())
+}
+
+/// [`orchestrate`] through [`Engine::resume_any`]: no workflow type, only its registered spec.
+async fn orchestrate_untyped(engine: Engine, run: RunId) -> Result<()> {
+    let engine = engine.with_workflow(<Hotfix as Workflow>::SPEC);
+    loop {
+        let current = engine.store().run(run).await?.current_phase;
+        if let Some(phase) = &current {
+            announce(engine.store().as_ref(), run, phase).await?;
+        }
+        match engine.resume_any(run).await? {
+            RunStatus::Ready { phase, .. } => {
+                let instructions = if phase.key_str() == Implement::SPEC.key_str() {
+                    IMPLEMENT_PROMPT
+                } else {
+                    REVIEW_PROMPT
+                };
+                let outcome = engine.execute_phase(run, &phase, instructions).await?;
+                say_outcome(phase.key_str(), &outcome, run)?;
+            }
+            RunStatus::Resumed { phase, outcome, .. } => {
+                say_outcome(phase.key_str(), &outcome, run)?;
+            }
+            RunStatus::Finished(record) => {
+                println!("run {run} {}", record.state);
+                return Ok(());
+            }
+            other => return Err(unexpected(run, &format!("{other:?}"))),
+        }
+    }
+}
+
+fn say_outcome(phase: &str, outcome: &PhaseOutcome, run: RunId) -> Result<()> {
+    match outcome {
+        PhaseOutcome::Completed { artifact, .. } => {
+            println!("{phase}: valid artifact {}, phase completed", artifact.hash);
+            Ok(())
+        }
+        other => Err(unexpected(run, &format!("{other:?}"))),
+    }
 }
 
 /// Says which phase this orchestrator takes on and how the store left it.
@@ -342,7 +389,7 @@ impl Orchestrator {
     ///
     /// # Errors
     /// The process could not be signalled or reaped.
-    pub fn kill(mut self) -> io::Result<ExitStatus> {
+    pub fn kill(&mut self) -> io::Result<ExitStatus> {
         self.child.kill()?;
         let status = self.child.wait()?;
         self.finish_output();
@@ -353,7 +400,7 @@ impl Orchestrator {
     ///
     /// # Errors
     /// The process could not be waited for, or outlived `timeout`.
-    pub fn wait(mut self, timeout: Duration) -> io::Result<ExitStatus> {
+    pub fn wait(&mut self, timeout: Duration) -> io::Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {

@@ -5,10 +5,12 @@
 //!
 //! Two kill points:
 //! - `killed_while_awaiting_the_artifact`: the prompt is delivered and recorded, the phase is
-//!   `awaiting_artifact`; the resumed engine continues the wait without sending anything.
+//!   `awaiting_artifact`; the second process resumes with the typed `Engine::resume::<Hotfix>`
+//!   and continues the wait without sending anything.
 //! - `killed_between_delivery_and_record`: the agent has the prompt but the store does not know
-//!   it was sent (phase `running`, session `BUSY` with its dedup key); the resumed engine re-sends
-//!   the same envelope and the agent acknowledges it without a second delivery.
+//!   it was sent (phase `running`, session `BUSY` with its dedup key); the second process resumes
+//!   with the untyped `Engine::resume_any`, re-sends the same envelope, and the agent acknowledges
+//!   it without a second delivery.
 //!
 //! The orchestrators are this test binary started again with [`recovery::ORCHESTRATOR_FLAG`],
 //! hence `harness = false` and this file's own `main`. Filters and `--list` work as with libtest.
@@ -99,12 +101,13 @@ async fn kill_and_resume(database: &TestDatabase, freeze_after_delivery: bool) -
         coder_work: Duration::ZERO,
         coder_hold: Some(release.clone()),
         freeze_after_delivery,
+        untyped: false,
     };
     let journal = task.agents().journal();
     let program = std::env::current_exe().expect("this test's executable");
     let implement = Implement::SPEC.key();
 
-    let first = Orchestrator::spawn(&program, &task, "orchestrator 1").expect("spawn");
+    let mut first = Orchestrator::spawn(&program, &task, "orchestrator 1").expect("spawn");
     let first_pid = first.pid();
     if freeze_after_delivery {
         wait_for(|| first.lines().iter().any(|l| l.contains("freezing"))).await;
@@ -146,14 +149,26 @@ async fn kill_and_resume(database: &TestDatabase, freeze_after_delivery: bool) -
     assert_eq!(store.events(run, 0).await.unwrap().len(), events_at_kill);
 
     std::fs::write(&release, "").expect("release the coder");
+    // One case resumes with the typed API, the other as a tool that knows no workflow type.
     let resumed_task = OrchestratorTask {
         freeze_after_delivery: false,
+        untyped: freeze_after_delivery,
         ..task
     };
-    let second = Orchestrator::spawn(&program, &resumed_task, "orchestrator 2").expect("spawn");
+    let mut second = Orchestrator::spawn(&program, &resumed_task, "orchestrator 2").expect("spawn");
     let second_pid = second.pid();
     let status = second.wait(PATIENCE).expect("orchestrator 2 finishes");
     assert!(status.success(), "orchestrator 2 failed: {status}");
+    let continued = if freeze_after_delivery {
+        "implement: running at attempt 1 in the store"
+    } else {
+        "implement: awaiting_artifact at attempt 1 in the store"
+    };
+    assert!(
+        second.lines().iter().any(|l| l.starts_with(continued)),
+        "orchestrator 2 continued the attempt: {:?}",
+        second.lines()
+    );
 
     // The run went to the end, as if nothing had happened.
     let record = store.run(run).await.unwrap();
@@ -269,9 +284,9 @@ async fn kill_and_resume(database: &TestDatabase, freeze_after_delivery: bool) -
         "pid {first_pid} killed, pid {second_pid} resumed; implement prompt {} delivered once{}; {} events, none twice",
         &implement_prompt.as_str()[..12],
         if freeze_after_delivery {
-            ", re-sent once and acknowledged without delivery"
+            ", re-sent once (resume_any) and acknowledged without delivery"
         } else {
-            ", not re-sent"
+            ", not re-sent (resume::<Hotfix>)"
         },
         events.len()
     )
