@@ -34,8 +34,10 @@ CREATE TABLE phaseflow.run_phases (
     UNIQUE (run_id, position)
 );
 
+-- No foreign key to runs: every command appends events, and a per-row foreign-key check is a
+-- query of its own; events are only ever appended under the run's row lock, by phaseflow.
 CREATE TABLE phaseflow.run_events (
-    run_id  uuid        NOT NULL REFERENCES phaseflow.runs (id) ON DELETE CASCADE,
+    run_id  uuid        NOT NULL,
     seq     bigint      NOT NULL,
     key     text        NOT NULL,
     type    text        NOT NULL,

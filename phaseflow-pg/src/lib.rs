@@ -60,6 +60,7 @@ use phaseflow::store::{
 };
 use serde_json::Value;
 use sqlx::migrate::Migrator;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 
 mod commands;
@@ -86,6 +87,14 @@ pub(crate) fn migrator() -> &'static Migrator {
     &MIGRATOR
 }
 
+/// Pool options suited to phaseflow: sqlx's defaults, except that a connection is not pinged
+/// each time it is taken from the pool (`test_before_acquire(false)`). The ping is a round trip
+/// of its own on every store command, and a dead connection is reported by the command's first
+/// statement anyway, as a recoverable `store_unavailable` the engine retries.
+pub fn pool_options() -> PgPoolOptions {
+    PgPoolOptions::new().test_before_acquire(false)
+}
+
 /// The phaseflow [`Store`] on PostgreSQL. Cheap to clone (clones share the pool and counter).
 #[derive(Clone, Debug)]
 pub struct PgStore {
@@ -103,8 +112,12 @@ impl PgStore {
     }
 
     /// Connects a new pool to `url` (`postgres://user:password@host/database`).
+    ///
+    /// The pool skips sqlx's default ping before handing out a connection (see
+    /// [`pool_options`]); pass a pool of your own to [`PgStore::new`] to choose otherwise.
     pub async fn connect(url: &str) -> Result<Self> {
-        let pool = PgPool::connect(url)
+        let pool = pool_options()
+            .connect(url)
             .await
             .map_err(|e| db_error("connecting", e))?;
         Ok(Self::new(pool))
@@ -161,12 +174,15 @@ impl PgStore {
         .await;
         match outcome {
             Ok((output, Some(changes))) => {
-                tx::apply(&mut transaction, changes).await?;
-                transaction
-                    .commit()
-                    .await
-                    .map_err(|e| db_error("committing", e))?;
-                self.commits.fetch_add(1, Ordering::Relaxed);
+                if tx::apply(&mut transaction, changes).await? {
+                    transaction
+                        .commit()
+                        .await
+                        .map_err(|e| db_error("committing", e))?;
+                    self.commits.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let _ = transaction.rollback().await;
+                }
                 Ok(output)
             }
             Ok((output, None)) => {

@@ -51,7 +51,7 @@
 //!
 //! The first process also builds a template database (`phaseflow_tpl_<digest of the
 //! migrations>`) with the schema migrated, under an advisory lock. Each [`TestDatabase`] is then a
-//! `CREATE DATABASE phaseflow_test_<pid>_<n> TEMPLATE …` (a file copy, tens of milliseconds),
+//! `CREATE DATABASE phaseflow_test_<pid>_<n> TEMPLATE … STRATEGY FILE_COPY` (about 50 ms),
 //! and is dropped again when the value is dropped. Databases of test processes that died before
 //! dropping theirs are dropped by the next process that starts the throwaway cluster's setup.
 //! [`TestDatabase::empty`] gives a database without the schema, for migration tests.
@@ -98,6 +98,9 @@ struct Server {
     url_base: UrlBase,
     /// The migrated template each [`TestDatabase::migrated`] copies.
     template: String,
+    /// `STRATEGY FILE_COPY` for `CREATE DATABASE` (PostgreSQL 15+): with a small template it is
+    /// several times faster than the default, which writes the whole copy to the WAL.
+    create_suffix: &'static str,
     /// Our shared lock on `users.lock`, held for the life of the process (see module docs).
     _users_lock: Option<File>,
 }
@@ -176,11 +179,21 @@ async fn set_up_server() -> Result<Server, String> {
         drop_stale_databases(&mut conn).await?;
     }
     let template = ensure_template(&mut conn, &url_base).await?;
+    let version: String = sqlx::query_scalar("SHOW server_version_num")
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| format!("cannot read the test server's version: {e}"))?;
+    let create_suffix = if version.parse::<u32>().is_ok_and(|v| v >= 150_000) {
+        " STRATEGY FILE_COPY"
+    } else {
+        ""
+    };
     let _ = conn.close().await;
     Ok(Server {
         admin,
         url_base,
         template,
+        create_suffix,
         _users_lock: users_lock,
     })
 }
@@ -323,7 +336,10 @@ impl TestDatabase {
             .unwrap_or_else(|e| panic!("cannot connect to the test server: {e}"));
         // A template with an open connection cannot be copied; retry briefly (another process
         // may be mid-copy of the same template, which holds a connection for an instant).
-        let sql = format!("CREATE DATABASE {name} TEMPLATE {template}");
+        let sql = format!(
+            "CREATE DATABASE {name} TEMPLATE {template}{}",
+            server.create_suffix
+        );
         let mut tries = 0;
         loop {
             match conn.execute(AssertSqlSafe(sql.clone())).await {
@@ -373,7 +389,7 @@ impl TestDatabase {
 }
 
 async fn pool_for(url: &str) -> PgPool {
-    PgPoolOptions::new()
+    crate::pool_options()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(30))
         .connect(url)

@@ -48,6 +48,11 @@ pub(crate) enum Target {
 impl Target {
     /// Step 1: the statement that opens the transaction and locks the run row. Ids are uuids
     /// formatted by `uuid` (hex digits and dashes), so splicing them into the SQL is safe.
+    ///
+    /// `plan_cache_mode = force_generic_plan` (for this transaction only) makes PostgreSQL plan
+    /// the load and write statements once per connection instead of once per execution: both
+    /// are driven by primary and unique keys, so the generic plan is the right one, and
+    /// re-planning the nine-part write statement costs more than executing it.
     pub(crate) fn begin_sql(self) -> String {
         let run = match self {
             Target::Run(run) => format!("'{run}'"),
@@ -58,7 +63,10 @@ impl Target {
                 format!("(SELECT run_id FROM phaseflow.approval_requests WHERE id = '{request}')")
             }
         };
-        format!("BEGIN; SELECT 1 FROM phaseflow.runs WHERE id = {run} FOR UPDATE")
+        format!(
+            "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
+             SELECT 1 FROM phaseflow.runs WHERE id = {run} FOR UPDATE"
+        )
     }
 
     fn not_found(self) -> Error {
@@ -237,6 +245,7 @@ pub(crate) struct Changes {
     run: RunId,
     at: OffsetDateTime,
     last_seq: u64,
+    stored_run: RunRecord,
     run_row: RunRecord,
     phases: Vec<PhaseRecord>,
     sessions: Vec<SessionRecord>,
@@ -263,6 +272,7 @@ impl Tx {
             run: self.rows.run.id,
             at: self.now,
             last_seq: self.last_seq,
+            stored_run: self.stored.run,
             run_row: self.rows.run,
             phases,
             sessions,
@@ -743,8 +753,26 @@ fn changed<T: Clone + PartialEq>(now: &[T], stored: &[T]) -> Vec<T> {
         .collect()
 }
 
-/// Step 4: writes the changes in one statement (see [`APPLY_SQL`]).
-pub(crate) async fn apply(tx: &mut Transaction<'static, Postgres>, changes: Changes) -> Result<()> {
+impl Changes {
+    /// Whether a row other than an event changes (events may all turn out to be recorded).
+    fn changes_rows(&self) -> bool {
+        !self.phases.is_empty()
+            || !self.sessions.is_empty()
+            || !self.approvals.is_empty()
+            || !self.artifacts.is_empty()
+            || !self.chunks.is_empty()
+            || self.run_row != self.stored_run
+    }
+}
+
+/// Step 4: writes the changes in one statement (see [`APPLY_SQL`]). Returns whether anything
+/// was written: `false` when every event was already recorded and no row changed (a replay),
+/// and the caller rolls back instead of committing.
+pub(crate) async fn apply(
+    tx: &mut Transaction<'static, Postgres>,
+    changes: Changes,
+) -> Result<bool> {
+    let changes_rows = changes.changes_rows();
     let Changes {
         run,
         at,
@@ -756,6 +784,7 @@ pub(crate) async fn apply(tx: &mut Transaction<'static, Postgres>, changes: Chan
         events,
         artifacts,
         chunks,
+        ..
     } = changes;
     let mut event_keys = Vec::with_capacity(events.len());
     let mut event_types = Vec::with_capacity(events.len());
@@ -808,7 +837,7 @@ pub(crate) async fn apply(tx: &mut Transaction<'static, Postgres>, changes: Chan
         })
         .collect();
 
-    sqlx::query(APPLY_SQL)
+    let inserted_events: i64 = sqlx::query_scalar(APPLY_SQL)
         // runs + events
         .bind(run.as_uuid())
         .bind(to_i64(last_seq, "last_seq")?)
@@ -985,10 +1014,10 @@ pub(crate) async fn apply(tx: &mut Transaction<'static, Postgres>, changes: Chan
                 .map(|(_, c)| c.text.as_str())
                 .collect::<Vec<_>>(),
         )
-        .execute(&mut **tx)
+        .fetch_one(&mut **tx)
         .await
         .map_err(|e| db_error("writing the command's rows", e).with_run(run))?;
-    Ok(())
+    Ok(changes_rows || inserted_events > 0)
 }
 
 /// Every write of a command in one statement. Data-modifying CTEs all run (whether or not the
@@ -1064,7 +1093,7 @@ WITH new_events AS (
     SELECT * FROM unnest($48::uuid[], $49::int8[], $50::text[])
     ON CONFLICT (session_id, seq) DO NOTHING
 )
-SELECT 1";
+SELECT count(*) FROM numbered";
 
 pub(crate) fn run_not_found(run: RunId) -> Error {
     Error::new(ErrorCode::RunNotFound, format!("no run {run}"))
