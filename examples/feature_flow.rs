@@ -123,7 +123,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .await?
     {
         Executed::Valid(plan) => plan,
-        Executed::NeedsHuman(paused) => return Err(parked(paused.gate())),
+        Executed::NeedsHuman(paused) => {
+            timeline.print_new().await?;
+            return Err(parked(paused.gate()));
+        }
     };
     timeline.print_new().await?;
     let doc: &PlanDoc = plan.output();
@@ -153,7 +156,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
             );
             implemented.complete()?
         }
-        Executed::NeedsHuman(paused) => return Err(parked(paused.gate())),
+        Executed::NeedsHuman(paused) => {
+            timeline.print_new().await?;
+            return Err(parked(paused.gate()));
+        }
     };
     if let Some(repair) = agent
         .deliveries()
@@ -173,7 +179,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
             println!("  the verdict: {}", reviewed.output().verdict);
             reviewed.complete()?
         }
-        Executed::NeedsHuman(paused) => return Err(parked(paused.gate())),
+        Executed::NeedsHuman(paused) => {
+            timeline.print_new().await?;
+            return Err(parked(paused.gate()));
+        }
     };
 
     section("artifacts");
