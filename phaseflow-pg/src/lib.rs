@@ -42,8 +42,9 @@
 //!
 //! # Testing
 //!
-//! With the `testing` feature, [`testing`] gives every test a fresh migrated database on a
-//! throwaway cluster it starts itself (or on `DATABASE_URL`).
+//! With the `testing` feature, `phaseflow_pg::testing` gives every test a fresh migrated
+//! database on a throwaway cluster it starts itself (or on `DATABASE_URL`), and `TestStore`, a
+//! `PgStore` that drops its database with it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
