@@ -38,7 +38,7 @@
 //! - Start-up is serialised by an exclusive `flock` on `setup.lock`: the first process to get it
 //!   runs `initdb` if needed and `pg_ctl start`; later ones find the socket answering and reuse
 //!   the server. A data directory left by an earlier run is reused, or re-initialised if it was
-//!   made by another PostgreSQL major version.
+//!   made by another PostgreSQL major version or does not start.
 //! - Every test process holds a *shared* `flock` on `users.lock` for its whole life; the kernel
 //!   drops it when the process exits, however it exits. A small watchdog shell loop (started
 //!   detached, with `setsid`, next to the server) checks every 5 s; once nobody has held
@@ -663,7 +663,13 @@ impl Cluster {
         let socket = socket_dir.join(format!(".s.PGSQL.{SOCKET_PORT}"));
         if UnixStream::connect(&socket).is_err() {
             let started = std::time::Instant::now();
-            start_cluster(&root, &cluster, as_root)?;
+            if let Err(first) = start_cluster(&root, &cluster, as_root, false) {
+                // A data directory left by a killed server can refuse to start (a stale
+                // `postmaster.pid` whose pid was reused, a half-written initdb): it is
+                // disposable, so start over from a fresh one before giving up.
+                tracing::warn!(error = %first, "the reused test cluster did not start; re-initialising it");
+                start_cluster(&root, &cluster, as_root, true)?;
+            }
             tracing::info!(elapsed = ?started.elapsed(), "started the throwaway PostgreSQL cluster");
         }
         drop(setup_lock);
@@ -694,11 +700,11 @@ fn current_uid() -> Result<u32, String> {
         .map_err(|e| format!("cannot parse the output of `id -u`: {e}"))
 }
 
-fn start_cluster(root: &Path, cluster: &Path, as_root: bool) -> Result<(), String> {
+fn start_cluster(root: &Path, cluster: &Path, as_root: bool, fresh: bool) -> Result<(), String> {
     let bins = Binaries::find()?;
     let data = cluster.join("data");
     let version = fs::read_to_string(data.join("PG_VERSION")).unwrap_or_default();
-    if version.trim() != bins.major {
+    if fresh || version.trim() != bins.major {
         if cluster.exists() {
             fs::remove_dir_all(cluster).map_err(|e| {
                 format!("cannot remove the stale cluster {}: {e}", cluster.display())
