@@ -109,6 +109,15 @@ fn resolve(written: &str, env: &Env) -> Result<PathBuf, String> {
         })?;
         dir.join(path)
     };
+    // The compiler may name the source file relative to its working directory (the workspace
+    // root); `include_str!` would resolve such a path against the source file instead.
+    let joined = if joined.is_absolute() {
+        joined
+    } else {
+        std::env::current_dir()
+            .map_err(|e| format!("cannot resolve schema `{written}`: no working directory: {e}"))?
+            .join(joined)
+    };
     Ok(normalize(&joined))
 }
 
@@ -180,6 +189,29 @@ mod tests {
         assert_eq!(
             load("schemas/b.json", &env(dir.path())).unwrap().id,
             "b.json"
+        );
+    }
+
+    #[test]
+    fn a_source_file_named_relative_to_the_working_directory_gives_an_absolute_path() {
+        // rustc names source files relative to its working directory (the workspace root);
+        // the path handed to `include_str!` must not be, or it resolves from the source file.
+        let dir = tempfile::tempdir_in(".").unwrap();
+        write(dir.path(), "schemas/plan.json", r#"{"type": "object"}"#);
+        let relative = dir
+            .path()
+            .strip_prefix(std::env::current_dir().unwrap())
+            .unwrap_or(dir.path());
+        let relative = Path::new(".").join(relative.file_name().unwrap());
+        let env = Env {
+            manifest_dir: None,
+            source_file: Some(relative.join("examples/flow.rs")),
+        };
+        let schema = load("../schemas/plan.json", &env).unwrap();
+        assert!(Path::new(&schema.path).is_absolute(), "{}", schema.path);
+        assert_eq!(
+            std::fs::canonicalize(&schema.path).unwrap(),
+            std::fs::canonicalize(dir.path().join("schemas/plan.json")).unwrap()
         );
     }
 
