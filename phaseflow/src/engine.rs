@@ -1,8 +1,8 @@
 //! The phase executor: one small state machine per phase attempt.
 //!
-//! [`Engine::execute_phase`] walks the [`Step`]s of DESIGN.md "One phase, step by step": enter
+//! [`Engine::execute_phase`] walks the `Step`s of DESIGN.md "One phase, step by step": enter
 //! (or replay), acquire the session, send the prompt, await the artifact, validate it, route
-//! the verdict. Every failure of the agent side goes through one function, [`policy`], which
+//! the verdict. Every failure of the agent side goes through one function, `policy`, which
 //! maps (stage, error class) to stop / human gate / fail. Store errors are never "handled": the
 //! store is the source of truth, so the executor stops and a later resume replays from it.
 
