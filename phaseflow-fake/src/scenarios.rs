@@ -73,7 +73,10 @@ pub fn invalid_numbered(n: u32) -> Value {
 /// Engine options for scenarios: a timeout long enough for a loaded machine when the agent
 /// writes, short enough that the timeout scenarios stay quick.
 pub fn scenario_options(artifact_timeout: Duration) -> EngineOptions {
-    EngineOptions::default().with_artifact_timeout(artifact_timeout)
+    EngineOptions {
+        run_check_interval: Duration::from_millis(100),
+        ..EngineOptions::default().with_artifact_timeout(artifact_timeout)
+    }
 }
 
 /// One engine, one fake agent world, one worktree, one run.
@@ -959,19 +962,23 @@ pub async fn failure_gate_retry(store: Arc<dyn Store>) {
 /// An operator aborting or pausing the run while the agent works stops the phase with
 /// `run_state_changed`, and nothing is written after the state change.
 pub async fn run_changed_while_in_flight(store: Arc<dyn Store>) {
-    for action in [
-        OperatorAction::Abort {
-            reason: "operator".into(),
-        },
-        OperatorAction::Pause {
-            reason: "operator".into(),
-        },
+    let abort = OperatorAction::Abort {
+        reason: "operator".into(),
+    };
+    let pause = OperatorAction::Pause {
+        reason: "operator".into(),
+    };
+    // The agent either finishes a little later (the store refuses the verdict) or not at all
+    // (the engine notices while it waits, long before the 60 s artifact timeout).
+    let late = || Script::valid(valid_impl()).after(Duration::from_millis(600));
+    for (action, script) in [
+        (abort.clone(), late()),
+        (pause.clone(), late()),
+        (abort, Script::nothing()),
+        (pause, Script::nothing()),
     ] {
-        let h = Harness::new(store.clone(), &SOLO).await;
-        h.fake.script(
-            "coder",
-            [Script::valid(valid_impl()).after(Duration::from_millis(600))],
-        );
+        let h = Harness::with_timeout(store.clone(), &SOLO, Duration::from_secs(60)).await;
+        h.fake.script("coder", [script]);
         let engine = h.engine.clone();
         let run = h.id();
         let phase =
@@ -985,7 +992,11 @@ pub async fn run_changed_while_in_flight(store: Arc<dyn Store>) {
             .await
             .expect("operator acts");
         let events_at_change = h.event_types().await;
-        let error = phase.await.expect("join").expect_err("the phase stops");
+        let error = tokio::time::timeout(Duration::from_secs(20), phase)
+            .await
+            .expect("the phase notices the change while it waits")
+            .expect("join")
+            .expect_err("the phase stops");
         assert_eq!(error.code(), ErrorCode::RunStateChanged, "{error}");
         assert_eq!(
             h.event_types().await,

@@ -54,6 +54,9 @@ pub struct EngineOptions {
     pub wait: WaitOptions,
     /// Artifacts larger than this are recorded as invalid.
     pub max_artifact_bytes: u64,
+    /// While waiting for an artifact, how often to check that the run is still executing, so
+    /// an operator's pause or abort stops the phase without waiting for the artifact timeout.
+    pub run_check_interval: Duration,
 }
 
 impl Default for EngineOptions {
@@ -64,6 +67,7 @@ impl Default for EngineOptions {
             rebootstrap_retries: 1,
             wait: WaitOptions::default(),
             max_artifact_bytes: DEFAULT_MAX_ARTIFACT_BYTES,
+            run_check_interval: Duration::from_secs(2),
         }
     }
 }
@@ -457,9 +461,13 @@ enum Action {
 
 /// The failure policy: one table from (stage, error) to action.
 fn policy(stage: Stage, error: &Error) -> Action {
+    // The run changed hands or state, or the store itself failed: nothing can be recorded.
     if matches!(
         error.code(),
-        ErrorCode::RunStateChanged | ErrorCode::PhaseClaimed
+        ErrorCode::RunStateChanged
+            | ErrorCode::PhaseClaimed
+            | ErrorCode::StoreUnavailable
+            | ErrorCode::StoreDecode
     ) {
         return Action::Stop;
     }
@@ -981,13 +989,36 @@ impl Executor<'_> {
         })
     }
 
+    /// Waits for the artifact in slices of `run_check_interval`, reading the run between slices:
+    /// a run that left `planning`/`executing` ends the wait with `run_state_changed`.
+    async fn wait_while_executing(&self, watch: &mut ArtifactWatch) -> Result<WaitOutcome> {
+        let options = &self.engine.options;
+        let deadline = tokio::time::Instant::now() + options.wait.timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let slice = WaitOptions {
+                timeout: remaining.min(options.run_check_interval),
+                ..options.wait.clone()
+            };
+            match watch.wait(&slice).await? {
+                WaitOutcome::TimedOut if tokio::time::Instant::now() < deadline => {
+                    let run = self.store().run(self.run_id()).await?;
+                    if !run.state.allows_phase_work() {
+                        return Err(Error::run_state_changed(run.id, run.state));
+                    }
+                }
+                outcome => return Ok(outcome),
+            }
+        }
+    }
+
     async fn await_artifact(
         &self,
         attempt: Attempt,
         session: SessionRecord,
         mut watch: ArtifactWatch,
     ) -> Result<Step> {
-        match watch.wait(&self.engine.options.wait).await {
+        match self.wait_while_executing(&mut watch).await {
             Ok(WaitOutcome::Ready) => Ok(Step::Validate { attempt, session }),
             Ok(WaitOutcome::TimedOut) => {
                 let session = self
@@ -1458,6 +1489,13 @@ mod tests {
     #[test]
     fn policy_stops_on_lost_ownership_or_run_state() {
         for stage in [Stage::SessionStart, Stage::Send, Stage::Artifact] {
+            assert_eq!(
+                policy(
+                    stage,
+                    &err(ErrorCode::StoreUnavailable, ErrorClass::Recoverable)
+                ),
+                Action::Stop
+            );
             assert_eq!(
                 policy(
                     stage,
