@@ -37,7 +37,7 @@ pub struct PlanDoc {
     key = "plan",
     role = "planner",
     artifact = "phaseflow/plan.json",
-    schema = "../schemas/plan.schema.json",
+    schema = "schemas/plan.schema.json",
     output = PlanDoc,
     approval = "plan_review"
 )]
@@ -49,7 +49,7 @@ pub struct Plan;
     key = "implement",
     role = "coder",
     artifact = "phaseflow/impl.json",
-    schema = "../schemas/impl.schema.json",
+    schema = "schemas/impl.schema.json",
     output = Value
 )]
 pub struct Implement;

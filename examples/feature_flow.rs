@@ -64,7 +64,7 @@ pub struct ReviewDoc {
     key = "plan",
     role = "planner",
     artifact = "phaseflow/plan.json",
-    schema = "../schemas/plan.schema.json",
+    schema = "schemas/plan.schema.json",
     output = PlanDoc,
     approval = "plan_review"
 )]
@@ -76,7 +76,7 @@ pub struct Plan;
     key = "implement",
     role = "coder",
     artifact = "phaseflow/impl.json",
-    schema = "../schemas/impl.schema.json",
+    schema = "schemas/impl.schema.json",
     output = ImplReport,
     repair_budget = 1
 )]
@@ -88,7 +88,7 @@ pub struct Implement;
     key = "review",
     role = "reviewer",
     artifact = "phaseflow/review.json",
-    schema = "../schemas/review.schema.json",
+    schema = "schemas/review.schema.json",
     output = ReviewDoc
 )]
 pub struct Review;

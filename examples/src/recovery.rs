@@ -56,7 +56,7 @@ pub struct ReviewDoc {
     key = "implement",
     role = "coder",
     artifact = "phaseflow/impl.json",
-    schema = "../../schemas/impl.schema.json",
+    schema = "schemas/impl.schema.json",
     output = ImplReport
 )]
 pub struct Implement;
@@ -67,7 +67,7 @@ pub struct Implement;
     key = "review",
     role = "reviewer",
     artifact = "phaseflow/review.json",
-    schema = "../../schemas/review.schema.json",
+    schema = "schemas/review.schema.json",
     output = ReviewDoc
 )]
 pub struct Review;
