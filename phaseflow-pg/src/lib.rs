@@ -51,9 +51,13 @@ use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use phaseflow::error::{Error, ErrorCode, Result};
-use phaseflow::event::{Event, EventKind};
+use phaseflow::event::Event;
 use phaseflow::ids::{ApprovalId, PhaseKey, RoleKey, RunId, SessionId};
 use phaseflow::state::{PhaseState, RunState};
+use phaseflow::store::rules::{
+    self, Applied, Needs, Snapshot, Target, approval_not_found, phase_not_found, run_not_found,
+    session_not_found,
+};
 use phaseflow::store::{
     ApprovalRecord, ArtifactRecord, BeginAttempt, BeginOutcome, Decide, FinishPhase, Finished,
     MarkBusy, NewRun, OperatorAction, PhaseRecord, PhaseWork, RecordPrompt, RecordVerdict,
@@ -64,7 +68,6 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 
-mod commands;
 mod decode;
 mod error;
 #[cfg(feature = "testing")]
@@ -72,7 +75,6 @@ pub mod testing;
 mod tx;
 
 pub(crate) use error::db_error;
-use tx::{Probes, Target, Tx};
 
 /// The embedded migrations (`phaseflow-pg/migrations`). Their bookkeeping table is
 /// `phaseflow._sqlx_migrations`, not the default `public._sqlx_migrations`, so an application
@@ -159,23 +161,23 @@ impl PgStore {
     async fn write<T>(
         &self,
         target: Target,
-        probes: Probes,
-        command: impl FnOnce(&mut Tx) -> Result<T>,
+        needs: Needs,
+        command: impl FnOnce(Snapshot) -> Result<Applied<T>>,
     ) -> Result<T> {
         let mut transaction = self
             .pool
-            .begin_with(AssertSqlSafe(target.begin_sql()))
+            .begin_with(AssertSqlSafe(tx::begin_sql(target)))
             .await
             .map_err(|e| db_error("locking the run", e))?;
         let outcome = async {
-            let mut tx = tx::load(&mut transaction, target, &probes).await?;
-            let output = command(&mut tx)?;
-            Ok((output, tx.into_changes()))
+            let loaded = tx::load(&mut transaction, target, &needs).await?;
+            let applied = command(loaded.snapshot)?;
+            Ok((applied.output, applied.changes, loaded.last_seq))
         }
         .await;
         match outcome {
-            Ok((output, Some(changes))) => {
-                if tx::apply(&mut transaction, changes).await? {
+            Ok((output, Some(changes), last_seq)) => {
+                if tx::apply(&mut transaction, last_seq, changes).await? {
                     transaction
                         .commit()
                         .await
@@ -186,7 +188,7 @@ impl PgStore {
                 }
                 Ok(output)
             }
-            Ok((output, None)) => {
+            Ok((output, None, _)) => {
                 let _ = transaction.rollback().await;
                 Ok(output)
             }
@@ -205,7 +207,7 @@ impl PgStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| db_error("reading the run", e))?
-            .ok_or_else(|| tx::run_not_found(run))
+            .ok_or_else(|| run_not_found(run))
     }
 
     /// Rows of a run's child table as a jsonb list, or `run_not_found` when the run is unknown.
@@ -225,7 +227,7 @@ impl PgStore {
             .map_err(|e| db_error("reading the run", e))?;
         found
             .map(Option::unwrap_or_default)
-            .ok_or_else(|| tx::run_not_found(run))
+            .ok_or_else(|| run_not_found(run))
     }
 }
 
@@ -255,17 +257,12 @@ SELECT to_jsonb(r),
 #[async_trait]
 impl Store for PgStore {
     async fn create_run(&self, new: NewRun) -> Result<RunRecord> {
-        if let Some(error) = commands::invalid_run(&new) {
-            return Err(error);
-        }
         // One statement, so one implicit transaction: the run, its phases and `run.created`
         // are inserted together, or nothing when the id exists (then compared below).
-        let at = tx::now();
-        let created = EventKind::RunCreated {
-            workflow: new.workflow.clone(),
-            phases: new.phases.clone(),
-        };
-        let payload = serde_json::to_value(&created).map_err(|e| {
+        let created = rules::create_run(&new, tx::now())?;
+        let at = created.run.created_at;
+        let (key, event) = &created.event;
+        let payload = serde_json::to_value(event).map_err(|e| {
             Error::new(
                 ErrorCode::InvalidArgument,
                 format!("cannot serialise run.created: {e}"),
@@ -281,24 +278,15 @@ impl Store for PgStore {
             .bind(&phases)
             .bind(at)
             .bind(PhaseState::Pending.as_str())
-            .bind(created.idempotency_key())
-            .bind(created.type_name())
+            .bind(key)
+            .bind(event.type_name())
             .bind(payload)
             .fetch_one(&self.pool)
             .await
             .map_err(|e| db_error("creating the run", e).with_run(new.id))?;
         if inserted {
             self.commits.fetch_add(1, Ordering::Relaxed);
-            return Ok(RunRecord {
-                id: new.id,
-                workflow: new.workflow,
-                subject: new.subject,
-                worktree: new.worktree,
-                state: RunState::Planning,
-                paused_from: None,
-                current_phase: new.phases.first().cloned(),
-                created_at: at,
-            });
+            return Ok(created.run);
         }
         // The id exists: a replay returns the stored run, anything else is corruption.
         let (run, phases): (Value, Option<Value>) = sqlx::query_as(RUN_WITH_PHASES_SQL)
@@ -306,52 +294,42 @@ impl Store for PgStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| db_error("reading the run", e).with_run(new.id))?
-            .ok_or_else(|| tx::run_not_found(new.id))?;
+            .ok_or_else(|| run_not_found(new.id))?;
         let stored = decode::run(&run)?;
         let stored_phases: Vec<PhaseKey> =
             decode::list("run_phases", &phases.unwrap_or_default(), decode::phase)?
                 .into_iter()
                 .map(|phase| phase.key)
                 .collect();
-        if stored.workflow == new.workflow
-            && stored.subject == new.subject
-            && stored.worktree == new.worktree
-            && stored_phases == new.phases
-        {
-            return Ok(stored);
-        }
-        Err(Error::corruption(format!(
-            "run {} exists with other content than this create_run",
-            new.id
-        ))
-        .with_run(new.id))
+        rules::create_run_replay(&new, stored, &stored_phases)
     }
 
     async fn begin_attempt(&self, cmd: BeginAttempt) -> Result<BeginOutcome> {
-        self.write(Target::Run(cmd.work.run), Probes::default(), |tx| {
-            commands::begin_attempt(tx, cmd)
+        let needs = Needs::begin_attempt(&cmd);
+        self.write(Target::Run(cmd.work.run), needs, |snapshot| {
+            rules::begin_attempt(snapshot, cmd)
         })
         .await
     }
 
     async fn claim_phase(&self, work: PhaseWork) -> Result<PhaseRecord> {
-        self.write(Target::Run(work.run), Probes::default(), |tx| {
-            commands::claim_phase(tx, work)
+        self.write(Target::Run(work.run), Needs::default(), |snapshot| {
+            rules::claim_phase(snapshot, work)
         })
         .await
     }
 
     async fn mark_busy(&self, cmd: MarkBusy) -> Result<SessionRecord> {
-        let probes = commands::mark_busy_probes(&cmd);
-        self.write(Target::Run(cmd.work.run), probes, |tx| {
-            commands::mark_busy(tx, cmd)
+        let needs = Needs::mark_busy(&cmd);
+        self.write(Target::Run(cmd.work.run), needs, |snapshot| {
+            rules::mark_busy(snapshot, cmd)
         })
         .await
     }
 
     async fn record_prompt(&self, cmd: RecordPrompt) -> Result<()> {
-        self.write(Target::Run(cmd.work.run), Probes::default(), |tx| {
-            commands::record_prompt(tx, cmd)
+        self.write(Target::Run(cmd.work.run), Needs::default(), |snapshot| {
+            rules::record_prompt(snapshot, cmd)
         })
         .await
     }
@@ -362,41 +340,40 @@ impl Store for PgStore {
         session: SessionId,
         event: SessionEvent,
     ) -> Result<SessionRecord> {
-        let probes = commands::session_event_probes(&work, &event);
-        self.write(Target::Run(work.run), probes, |tx| {
-            commands::record_session_event(tx, work, session, event)
+        let needs = Needs::session_event(&work, &event);
+        self.write(Target::Run(work.run), needs, |snapshot| {
+            rules::record_session_event(snapshot, work, session, event)
         })
         .await
     }
 
     async fn record_verdict(&self, cmd: RecordVerdict) -> Result<ArtifactRecord> {
-        let probes = commands::record_verdict_probes(&cmd);
-        self.write(Target::Run(cmd.work.run), probes, |tx| {
-            commands::record_verdict(tx, cmd)
+        let needs = Needs::record_verdict(&cmd);
+        self.write(Target::Run(cmd.work.run), needs, |snapshot| {
+            rules::record_verdict(snapshot, cmd)
         })
         .await
     }
 
     async fn finish_phase(&self, cmd: FinishPhase) -> Result<Finished> {
-        let probes = commands::finish_phase_probes(&cmd);
-        self.write(Target::Run(cmd.work.run), probes, |tx| {
-            commands::finish_phase(tx, cmd)
+        let needs = Needs::finish_phase(&cmd);
+        self.write(Target::Run(cmd.work.run), needs, |snapshot| {
+            rules::finish_phase(snapshot, cmd)
         })
         .await
     }
 
     async fn decide(&self, cmd: Decide) -> Result<Finished> {
-        self.write(
-            Target::Approval(cmd.request),
-            commands::decide_probes(),
-            |tx| commands::decide(tx, cmd),
-        )
+        let needs = Needs::decide(&cmd);
+        self.write(Target::Approval(cmd.request), needs, |snapshot| {
+            rules::decide(snapshot, cmd)
+        })
         .await
     }
 
     async fn operate(&self, run: RunId, action: OperatorAction) -> Result<Finished> {
-        self.write(Target::Run(run), Probes::default(), |tx| {
-            commands::operate(tx, action)
+        self.write(Target::Run(run), Needs::default(), |snapshot| {
+            rules::operate(snapshot, action)
         })
         .await
     }
@@ -406,9 +383,9 @@ impl Store for PgStore {
         session: SessionId,
         chunks: Vec<TranscriptChunk>,
     ) -> Result<()> {
-        let probes = commands::append_transcript_probes(session, &chunks);
-        self.write(Target::Session(session), probes, |tx| {
-            commands::append_transcript(tx, session, &chunks)
+        let needs = Needs::append_transcript(session, &chunks);
+        self.write(Target::Session(session), needs, |snapshot| {
+            rules::append_transcript(snapshot, session, chunks)
         })
         .await
     }
@@ -473,7 +450,7 @@ impl Store for PgStore {
         .await
         .map_err(|e| db_error("reading the run's events", e))?;
         if rows.is_empty() {
-            return Err(tx::run_not_found(run));
+            return Err(run_not_found(run));
         }
         rows.iter().flatten().map(decode::event).collect()
     }
@@ -499,7 +476,7 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| db_error("reading the approval request", e))?;
-        decode::approval(&row.ok_or_else(|| tx::approval_not_found(id))?)
+        decode::approval(&row.ok_or_else(|| approval_not_found(id))?)
     }
 
     async fn latest_artifact(
@@ -520,8 +497,8 @@ impl Store for PgStore {
         .await
         .map_err(|e| db_error("reading the latest artifact", e))?;
         match row {
-            None => Err(tx::run_not_found(run)),
-            Some((false, _)) => Err(tx::phase_not_found(run, phase)),
+            None => Err(run_not_found(run)),
+            Some((false, _)) => Err(phase_not_found(run, phase)),
             Some((true, artifact)) => artifact.as_ref().map(decode::artifact).transpose(),
         }
     }
@@ -537,7 +514,7 @@ impl Store for PgStore {
         .await
         .map_err(|e| db_error("reading the transcript", e))?;
         let rows = row
-            .ok_or_else(|| tx::session_not_found(session))?
+            .ok_or_else(|| session_not_found(session))?
             .unwrap_or_default();
         Ok(decode::list("transcript_chunks", &rows, decode::chunk)?
             .into_iter()

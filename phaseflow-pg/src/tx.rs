@@ -4,11 +4,12 @@
 //!    that opens the transaction and takes the run's row lock (every writer takes it first, so
 //!    commands on one run are serialised, and concurrent engines queue here);
 //! 2. [`load`]: one statement, started after the lock was granted so it sees every earlier
-//!    command's commit, reads the run, its phases and sessions (and, when the command needs them,
-//!    its approval requests, the artifact with the command's path and hash, the transcript chunks
-//!    it re-sends, whether some event keys exist, whether a session id is recorded anywhere);
-//! 3. the command's rules run in Rust on a [`Tx`], a working copy of those rows (the same rules,
-//!    written the same way, as `MemoryStore`'s);
+//!    command's commit, reads the run's [`Snapshot`]: its phases and sessions and what the
+//!    command's [`Needs`] name (its approval requests, the artifact with the command's path and
+//!    hash, the transcript chunks it re-sends, whether some event keys exist, whether a session
+//!    id is recorded anywhere);
+//! 3. the command's rules — [`phaseflow::store::rules`], shared with `MemoryStore` — decide on
+//!    the snapshot and return the [`Changes`];
 //! 4. [`apply`]: one statement writes every changed row and appends the events, then `COMMIT`.
 //!
 //! Idempotent inserts compare with the stored row *before* writing rather than after: the
@@ -19,104 +20,45 @@
 //! seqs are `last_seq + 1, + 2, …` over the events actually inserted, and `runs.last_seq` is
 //! advanced by the same count in the same statement: gapless, because the run row is locked.
 
-use std::collections::{HashMap, HashSet};
-
 use phaseflow::error::{Error, ErrorCode, Result};
-use phaseflow::event::{EventKind, GateKind};
-use phaseflow::ids::{
-    ApprovalId, ArtifactId, ContentHash, DedupKey, EngineId, GateKey, PhaseKey, RunId, SessionId,
-};
-use phaseflow::state::{PhaseState, RunState, SessionState};
-use phaseflow::store::{
-    ApprovalRecord, ArtifactRecord, NewArtifact, PhaseRecord, PhaseWork, RunRecord, SessionRecord,
-    TranscriptChunk,
-};
+use phaseflow::event::GateKind;
+use phaseflow::ids::{DedupKey, PhaseKey};
+use phaseflow::state::RunState;
+use phaseflow::store::rules::{Changes, Needs, Snapshot, Target};
 use serde_json::Value;
 use sqlx::{PgConnection, Postgres, Transaction};
 use time::OffsetDateTime;
 
 use crate::{db_error, decode};
 
-/// How a command finds the run it locks.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Target {
-    Run(RunId),
-    Session(SessionId),
-    Approval(ApprovalId),
-}
-
-impl Target {
-    /// Step 1: the statement that opens the transaction and locks the run row. Ids are uuids
-    /// formatted by `uuid` (hex digits and dashes), so splicing them into the SQL is safe.
-    ///
-    /// `plan_cache_mode = force_generic_plan` (for this transaction only) makes PostgreSQL plan
-    /// the load and write statements once per connection instead of once per execution: both
-    /// are driven by primary and unique keys, so the generic plan is the right one, and
-    /// re-planning the nine-part write statement costs more than executing it.
-    pub(crate) fn begin_sql(self) -> String {
-        let run = match self {
-            Target::Run(run) => format!("'{run}'"),
-            Target::Session(session) => {
-                format!("(SELECT run_id FROM phaseflow.sessions WHERE id = '{session}')")
-            }
-            Target::Approval(request) => {
-                format!("(SELECT run_id FROM phaseflow.approval_requests WHERE id = '{request}')")
-            }
-        };
-        format!(
-            "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
-             SELECT 1 FROM phaseflow.runs WHERE id = {run} FOR UPDATE"
-        )
-    }
-
-    fn not_found(self) -> Error {
-        match self {
-            Target::Run(run) => run_not_found(run),
-            Target::Session(session) => session_not_found(session),
-            Target::Approval(request) => approval_not_found(request),
+/// Step 1: the statement that opens the transaction and locks the run row. Ids are uuids
+/// formatted by `uuid` (hex digits and dashes), so splicing them into the SQL is safe.
+///
+/// `plan_cache_mode = force_generic_plan` (for this transaction only) makes PostgreSQL plan
+/// the load and write statements once per connection instead of once per execution: both
+/// are driven by primary and unique keys, so the generic plan is the right one, and
+/// re-planning the nine-part write statement costs more than executing it.
+pub(crate) fn begin_sql(target: Target) -> String {
+    let run = match target {
+        Target::Run(run) => format!("'{run}'"),
+        Target::Session(session) => {
+            format!("(SELECT run_id FROM phaseflow.sessions WHERE id = '{session}')")
         }
-    }
+        Target::Approval(request) => {
+            format!("(SELECT run_id FROM phaseflow.approval_requests WHERE id = '{request}')")
+        }
+    };
+    format!(
+        "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
+         SELECT 1 FROM phaseflow.runs WHERE id = {run} FOR UPDATE"
+    )
 }
 
-/// What a command needs read besides the run, its phases and sessions.
-#[derive(Debug, Default)]
-pub(crate) struct Probes {
-    /// Event keys whose presence the command's rules ask about.
-    pub(crate) keys: Vec<String>,
-    /// The artifact stored under this (path, hash), if any.
-    pub(crate) artifact: Option<(String, ContentHash)>,
-    /// Whether this session id is recorded for any run.
-    pub(crate) session: Option<SessionId>,
-    /// Stored transcript chunks of this session with these seqs.
-    pub(crate) chunks: Option<(SessionId, Vec<u64>)>,
-    /// The run's approval requests.
-    pub(crate) approvals: bool,
-}
-
-/// The rows commands update in place; a command works on a copy of them.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct Rows {
-    pub(crate) run: RunRecord,
-    pub(crate) phases: Vec<PhaseRecord>,
-    pub(crate) sessions: Vec<SessionRecord>,
-    pub(crate) approvals: Vec<ApprovalRecord>,
-}
-
-/// The working state of one command on one locked run.
-pub(crate) struct Tx {
-    pub(crate) now: OffsetDateTime,
-    last_seq: u64,
-    stored: Rows,
-    pub(crate) rows: Rows,
-    probed_keys: HashSet<String>,
-    stored_keys: HashSet<String>,
-    events: Vec<(String, EventKind)>,
-    keys: HashSet<String>,
-    stored_artifact: Option<ArtifactRecord>,
-    artifacts: Vec<ArtifactRecord>,
-    session_recorded: bool,
-    stored_chunks: HashMap<(SessionId, u64), String>,
-    chunks: Vec<(SessionId, TranscriptChunk)>,
+/// A loaded snapshot and the run's event sequence number, which [`apply`] continues from.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    pub(crate) snapshot: Snapshot,
+    pub(crate) last_seq: u64,
 }
 
 /// `now`, at the microsecond precision PostgreSQL keeps, so a returned record equals its re-read.
@@ -136,17 +78,17 @@ fn to_i64(value: u64, what: &str) -> Result<i64> {
 }
 
 /// Step 2: reads what the command works on (see the module docs).
-pub(crate) async fn load(conn: &mut PgConnection, target: Target, probes: &Probes) -> Result<Tx> {
+pub(crate) async fn load(conn: &mut PgConnection, target: Target, needs: &Needs) -> Result<Loaded> {
     let (run, session, approval) = match target {
         Target::Run(run) => (Some(run.as_uuid()), None, None),
         Target::Session(session) => (None, Some(session.as_uuid()), None),
         Target::Approval(request) => (None, None, Some(request.as_uuid())),
     };
-    let (artifact_path, artifact_hash) = match &probes.artifact {
+    let (artifact_path, artifact_hash) = match &needs.artifact {
         Some((path, hash)) => (Some(path.as_str()), Some(hash.as_str())),
         None => (None, None),
     };
-    let (chunk_session, chunk_seqs) = match &probes.chunks {
+    let (chunk_session, chunk_seqs) = match &needs.chunks {
         Some((session, seqs)) => (
             Some(session.as_uuid()),
             seqs.iter()
@@ -169,11 +111,11 @@ pub(crate) async fn load(conn: &mut PgConnection, target: Target, probes: &Probe
         .bind(run)
         .bind(session)
         .bind(approval)
-        .bind(probes.approvals)
-        .bind(&probes.keys)
+        .bind(needs.approvals)
+        .bind(&needs.event_keys)
         .bind(artifact_path)
         .bind(artifact_hash)
-        .bind(probes.session.map(|s| s.as_uuid()))
+        .bind(needs.session.map(|s| s.as_uuid()))
         .bind(chunk_session)
         .bind(&chunk_seqs)
         .fetch_optional(&mut *conn)
@@ -184,7 +126,8 @@ pub(crate) async fn load(conn: &mut PgConnection, target: Target, probes: &Probe
         return Err(target.not_found());
     };
     let last_seq = decode::last_seq(&run)?;
-    let stored = Rows {
+    let snapshot = Snapshot {
+        now: now(),
         run: decode::run(&run)?,
         phases: decode::list("run_phases", &phases.unwrap_or_default(), decode::phase)?,
         sessions: decode::list("sessions", &sessions.unwrap_or_default(), decode::session)?,
@@ -192,30 +135,20 @@ pub(crate) async fn load(conn: &mut PgConnection, target: Target, probes: &Probe
             Some(list) => decode::list("approval_requests", list, decode::approval)?,
             None => Vec::new(),
         },
-    };
-    let stored_chunks = decode::list(
-        "transcript_chunks",
-        &chunks.unwrap_or_default(),
-        decode::chunk,
-    )?
-    .into_iter()
-    .map(|(session, chunk)| ((session, chunk.seq), chunk.text))
-    .collect();
-    Ok(Tx {
-        now: now(),
-        last_seq,
-        rows: stored.clone(),
-        stored,
-        probed_keys: probes.keys.iter().cloned().collect(),
-        stored_keys: keys.into_iter().collect(),
-        events: Vec::new(),
-        keys: HashSet::new(),
-        stored_artifact: artifact.as_ref().map(decode::artifact).transpose()?,
-        artifacts: Vec::new(),
+        event_keys: needs
+            .event_keys
+            .iter()
+            .map(|key| (key.clone(), keys.contains(key)))
+            .collect(),
+        artifact: artifact.as_ref().map(decode::artifact).transpose()?,
         session_recorded,
-        stored_chunks,
-        chunks: Vec::new(),
-    })
+        chunks: decode::list(
+            "transcript_chunks",
+            &chunks.unwrap_or_default(),
+            decode::chunk,
+        )?,
+    };
+    Ok(Loaded { snapshot, last_seq })
 }
 
 const LOAD_SQL: &str = "
@@ -240,544 +173,18 @@ SELECT to_jsonb(r) AS run,
                        (SELECT run_id FROM phaseflow.sessions WHERE id = $2::uuid),
                        (SELECT run_id FROM phaseflow.approval_requests WHERE id = $3::uuid))";
 
-/// What a successful command writes.
-pub(crate) struct Changes {
-    run: RunId,
-    at: OffsetDateTime,
-    last_seq: u64,
-    stored_run: RunRecord,
-    run_row: RunRecord,
-    phases: Vec<PhaseRecord>,
-    sessions: Vec<SessionRecord>,
-    approvals: Vec<ApprovalRecord>,
-    events: Vec<(String, EventKind)>,
-    artifacts: Vec<ArtifactRecord>,
-    chunks: Vec<(SessionId, TranscriptChunk)>,
-}
-
-impl Tx {
-    /// The changes to write, or `None` when the command wrote nothing.
-    pub(crate) fn into_changes(self) -> Option<Changes> {
-        let phases = changed(&self.rows.phases, &self.stored.phases);
-        let sessions = changed(&self.rows.sessions, &self.stored.sessions);
-        let approvals = changed(&self.rows.approvals, &self.stored.approvals);
-        let wrote = self.rows.run != self.stored.run
-            || !phases.is_empty()
-            || !sessions.is_empty()
-            || !approvals.is_empty()
-            || !self.events.is_empty()
-            || !self.artifacts.is_empty()
-            || !self.chunks.is_empty();
-        wrote.then_some(Changes {
-            run: self.rows.run.id,
-            at: self.now,
-            last_seq: self.last_seq,
-            stored_run: self.stored.run,
-            run_row: self.rows.run,
-            phases,
-            sessions,
-            approvals,
-            events: self.events,
-            artifacts: self.artifacts,
-            chunks: self.chunks,
-        })
-    }
-
-    pub(crate) fn run_id(&self) -> RunId {
-        self.rows.run.id
-    }
-
-    pub(crate) fn run(&self) -> &RunRecord {
-        &self.rows.run
-    }
-
-    /// Whether the run has the event `key`. Only keys listed in [`Probes::keys`] were read.
-    pub(crate) fn has_event(&self, key: &str) -> bool {
-        debug_assert!(
-            self.probed_keys.contains(key) || self.keys.contains(key),
-            "event key `{key}` was not probed"
-        );
-        self.stored_keys.contains(key) || self.keys.contains(key)
-    }
-
-    /// Appends an event unless the run already has its idempotency key (keys this command did
-    /// not probe are filtered against `run_events` when the events are inserted).
-    pub(crate) fn append(&mut self, kind: EventKind) {
-        let key = kind.idempotency_key();
-        if !self.stored_keys.contains(&key) && self.keys.insert(key.clone()) {
-            self.events.push((key, kind));
-        }
-    }
-
-    // ---- phases and the rules every phase-work command follows ----
-
-    pub(crate) fn phase_index(&self, key: &PhaseKey) -> Result<usize> {
-        self.rows
-            .phases
-            .iter()
-            .position(|phase| &phase.key == key)
-            .ok_or_else(|| phase_not_found(self.run_id(), key))
-    }
-
-    pub(crate) fn phase(&self, index: usize) -> &PhaseRecord {
-        &self.rows.phases[index]
-    }
-
-    pub(crate) fn phase_mut(&mut self, index: usize) -> &mut PhaseRecord {
-        &mut self.rows.phases[index]
-    }
-
-    pub(crate) fn require_phase_work(&self) -> Result<()> {
-        let run = self.run();
-        if run.state.allows_phase_work() {
-            Ok(())
-        } else {
-            Err(Error::run_state_changed(run.id, run.state))
-        }
-    }
-
-    pub(crate) fn require_owner(&self, index: usize, owner: EngineId) -> Result<()> {
-        let phase = self.phase(index);
-        if phase.owner == Some(owner) {
-            return Ok(());
-        }
-        let holder = phase
-            .owner
-            .map_or_else(|| "no engine".to_owned(), |id| format!("engine {id}"));
-        Err(Error::new(
-            ErrorCode::PhaseClaimed,
-            format!("engine {owner} does not own this phase; {holder} does"),
-        )
-        .in_phase(self.run_id(), &phase.key)
-        .with_hint("another engine took the phase over; stop here, or claim it again to resume"))
-    }
-
-    /// Steps 2–4 of every phase-work command: phase exists, run allows work, caller owns it.
-    pub(crate) fn phase_work(&self, work: &PhaseWork) -> Result<usize> {
-        let index = self.phase_index(&work.phase)?;
-        self.require_phase_work()?;
-        self.require_owner(index, work.owner)?;
-        Ok(index)
-    }
-
-    pub(crate) fn require_attempt(&self, index: usize, attempt: u32) -> Result<()> {
-        let phase = self.phase(index);
-        if phase.attempts == attempt {
-            return Ok(());
-        }
-        Err(Error::new(
-            ErrorCode::PhaseStateMismatch,
-            format!(
-                "attempt {attempt} is not the phase's current attempt {}",
-                phase.attempts
-            ),
-        )
-        .in_phase(self.run_id(), &phase.key)
-        .with_hint("reload the phase and continue from its current attempt"))
-    }
-
-    pub(crate) fn require_phase_state(
-        &self,
-        index: usize,
-        allowed: &[PhaseState],
-        doing: &str,
-    ) -> Result<()> {
-        let phase = self.phase(index);
-        if allowed.contains(&phase.state) {
-            return Ok(());
-        }
-        let allowed: Vec<&str> = allowed.iter().map(|state| state.as_str()).collect();
-        Err(Error::new(
-            ErrorCode::PhaseStateMismatch,
-            format!(
-                "cannot {doing} while the phase is {} (needs {})",
-                phase.state,
-                allowed.join(" or ")
-            ),
-        )
-        .in_phase(self.run_id(), &phase.key)
-        .with_hint("reload the phase and resume from its persisted state"))
-    }
-
-    /// After phase `index` completed: the run moves to the next phase, or completes.
-    /// `resumed_by` names the approval request whose decision let the run go on.
-    pub(crate) fn advance(&mut self, index: usize, resumed_by: Option<ApprovalId>) {
-        match self.rows.phases.get(index + 1).map(|next| next.key.clone()) {
-            Some(next) => {
-                let run = &mut self.rows.run;
-                run.current_phase = Some(next);
-                run.state = RunState::Executing;
-                run.paused_from = None;
-                if let Some(request) = resumed_by {
-                    self.append(EventKind::RunResumed {
-                        request,
-                        state: RunState::Executing,
-                    });
-                }
-            }
-            None => {
-                self.finish_run(RunState::Completed);
-                self.append(EventKind::RunCompleted);
-            }
-        }
-    }
-
-    pub(crate) fn finish_run(&mut self, state: RunState) {
-        let run = &mut self.rows.run;
-        run.state = state;
-        run.current_phase = None;
-        run.paused_from = None;
-    }
-
-    /// Aborts the run: the phase in flight fails, every session stops for good.
-    pub(crate) fn abort_run(&mut self, reason: String) -> Vec<SessionId> {
-        let current = self.run().current_phase.clone();
-        let at = current
-            .as_ref()
-            .and_then(|key| self.rows.phases.iter().position(|phase| &phase.key == key));
-        let mut failed_at = None;
-        if let Some(index) = at {
-            let phase = self.phase_mut(index);
-            let in_flight = matches!(
-                phase.state,
-                PhaseState::Running
-                    | PhaseState::AwaitingArtifact
-                    | PhaseState::Validating
-                    | PhaseState::AwaitingApproval
-            );
-            let (key, attempt) = (phase.key.clone(), phase.attempts);
-            if in_flight {
-                phase.state = PhaseState::Failed;
-                self.append(EventKind::PhaseFailed {
-                    phase: key.clone(),
-                    attempt,
-                    reason: reason.clone(),
-                });
-            }
-            failed_at = Some((key, attempt));
-        }
-        self.finish_run(RunState::Aborted);
-        self.append(EventKind::RunAborted { reason });
-        match failed_at {
-            Some((phase, attempt)) => self.fail_all_sessions(&phase, attempt),
-            None => self
-                .rows
-                .sessions
-                .iter()
-                .map(|session| session.id)
-                .collect(),
-        }
-    }
-
-    // ---- sessions ----
-
-    pub(crate) fn session_index(&self, id: SessionId) -> Result<usize> {
-        self.rows
-            .sessions
-            .iter()
-            .position(|session| session.id == id)
-            .ok_or_else(|| session_not_found(id).with_run(self.run_id()))
-    }
-
-    pub(crate) fn session_mut(&mut self, index: usize) -> &mut SessionRecord {
-        &mut self.rows.sessions[index]
-    }
-
-    /// Whether the session id is recorded for any run (the id in [`Probes::session`]).
-    pub(crate) fn session_recorded(&self) -> bool {
-        self.session_recorded
-    }
-
-    /// The session finished the prompt `dedup`: `READY`, `session.idle`.
-    pub(crate) fn settle_session(&mut self, index: usize, dedup: &DedupKey) {
-        let session = self.session_mut(index);
-        if session.state == SessionState::Busy && session.last_dedup.as_ref() == Some(dedup) {
-            session.state = SessionState::Ready;
-            let id = session.id;
-            self.append(EventKind::SessionIdle {
-                session: id,
-                dedup: dedup.clone(),
-            });
-        }
-    }
-
-    pub(crate) fn ready_session(&mut self, index: usize) {
-        let session = self.session_mut(index);
-        session.state = SessionState::Ready;
-        let event = EventKind::SessionReady {
-            session: session.id,
-            role: session.role.clone(),
-            recovery_attempts: session.recovery_attempts,
-        };
-        self.append(event);
-    }
-
-    pub(crate) fn crash_session(&mut self, index: usize) {
-        let session = self.session_mut(index);
-        session.state = SessionState::Crashed;
-        session.recovery_attempts += 1;
-        let event = EventKind::SessionCrashed {
-            session: session.id,
-            recovery_attempts: session.recovery_attempts,
-        };
-        self.append(event);
-    }
-
-    pub(crate) fn fail_session(&mut self, index: usize, phase: &PhaseKey, attempt: u32) {
-        let session = self.session_mut(index);
-        if session.state == SessionState::FailedNeedsHuman {
-            return;
-        }
-        session.state = SessionState::FailedNeedsHuman;
-        let event = EventKind::SessionFailed {
-            session: session.id,
-            role: session.role.clone(),
-            phase: phase.clone(),
-            attempt,
-        };
-        self.append(event);
-    }
-
-    /// Stops every session of the run for good; returns all of them for disposal.
-    pub(crate) fn fail_all_sessions(&mut self, phase: &PhaseKey, attempt: u32) -> Vec<SessionId> {
-        for index in 0..self.rows.sessions.len() {
-            self.fail_session(index, phase, attempt);
-        }
-        self.rows
-            .sessions
-            .iter()
-            .map(|session| session.id)
-            .collect()
-    }
-
-    pub(crate) fn refuse_failed_session(&self, index: usize) -> Result<()> {
-        let session = &self.rows.sessions[index];
-        if session.state != SessionState::FailedNeedsHuman {
-            return Ok(());
-        }
-        Err(Error::new(
-            ErrorCode::SessionFailedNeedsHuman,
-            format!(
-                "session {} ({}) is FAILED_NEEDS_HUMAN and is never reused automatically",
-                session.id, session.role
-            ),
-        )
-        .with_run(self.run_id())
-        .with_hint("decide the run's pending failure gate (retry or abort) first"))
-    }
-
-    // ---- artifacts ----
-
-    /// Inserts the artifact idempotently on (run, path, hash), appends its verdict event and
-    /// moves the phase to `validating`.
-    pub(crate) fn apply_verdict(
-        &mut self,
-        index: usize,
-        attempt: u32,
-        new: &NewArtifact,
-    ) -> Result<ArtifactRecord> {
-        let phase = self.phase(index).key.clone();
-        let record = match self.find_artifact(&new.path, &new.hash) {
-            Some(stored) if stored.matches(&phase, new) => stored.clone(),
-            Some(stored) => {
-                return Err(Error::corruption(format!(
-                    "artifact {} ({}) was recorded for phase `{}` with another verdict; the replay for phase `{phase}` differs",
-                    stored.path, stored.hash, stored.phase
-                ))
-                .in_phase(self.run_id(), &phase));
-            }
-            None => {
-                let record = ArtifactRecord {
-                    id: ArtifactId::new(),
-                    run: self.run_id(),
-                    phase: phase.clone(),
-                    attempt,
-                    path: new.path.clone(),
-                    hash: new.hash.clone(),
-                    schema_id: new.schema_id.clone(),
-                    size: new.size,
-                    content: new.content.clone(),
-                    errors: new.errors.clone(),
-                    recorded_at: self.now,
-                };
-                self.artifacts.push(record.clone());
-                record
-            }
-        };
-        let event = if record.is_valid() {
-            EventKind::ArtifactValidated {
-                phase,
-                artifact: record.id,
-                path: record.path.clone(),
-                hash: record.hash.clone(),
-                schema: record.schema_id.clone(),
-            }
-        } else {
-            EventKind::ArtifactInvalid {
-                phase,
-                artifact: record.id,
-                path: record.path.clone(),
-                hash: record.hash.clone(),
-                schema: record.schema_id.clone(),
-                errors: record.errors.clone(),
-            }
-        };
-        self.append(event);
-        self.phase_mut(index).state = PhaseState::Validating;
-        Ok(record)
-    }
-
-    /// The artifact stored (or staged) under (path, hash); only the pair in
-    /// [`Probes::artifact`] was read.
-    pub(crate) fn find_artifact(&self, path: &str, hash: &ContentHash) -> Option<&ArtifactRecord> {
-        self.stored_artifact
-            .iter()
-            .chain(&self.artifacts)
-            .find(|artifact| artifact.path == path && &artifact.hash == hash)
-    }
-
-    // ---- approval requests ----
-
-    pub(crate) fn approval_by_key(&self, key: &str) -> Option<&ApprovalRecord> {
-        self.rows
-            .approvals
-            .iter()
-            .find(|approval| approval.key == key)
-    }
-
-    /// Files an approval request idempotently on its key.
-    pub(crate) fn file_request(
-        &mut self,
-        index: usize,
-        attempt: u32,
-        gate: &GateKey,
-        kind: GateKind,
-        payload: &Value,
-    ) -> Result<ApprovalRecord> {
-        let phase = self.phase(index).key.clone();
-        let key = ApprovalRecord::key_for(self.run_id(), gate, &phase, attempt);
-        if let Some(stored) = self.approval_by_key(&key) {
-            return self
-                .check_request_replay(stored, gate, kind, payload)
-                .cloned();
-        }
-        let record = ApprovalRecord {
-            id: ApprovalId::new(),
-            run: self.run_id(),
-            phase,
-            attempt,
-            gate: gate.clone(),
-            kind,
-            key,
-            payload: payload.clone(),
-            decision: None,
-            created_at: self.now,
-        };
-        self.rows.approvals.push(record.clone());
-        Ok(record)
-    }
-
-    pub(crate) fn check_request_replay<'r>(
-        &self,
-        stored: &'r ApprovalRecord,
-        gate: &GateKey,
-        kind: GateKind,
-        payload: &Value,
-    ) -> Result<&'r ApprovalRecord> {
-        if &stored.gate == gate && stored.kind == kind && &stored.payload == payload {
-            return Ok(stored);
-        }
-        Err(Error::corruption(format!(
-            "approval request {} was filed with other content than this replay",
-            stored.key
-        ))
-        .in_phase(self.run_id(), &stored.phase))
-    }
-
-    pub(crate) fn approval_requested(&mut self, approval: &ApprovalRecord) {
-        self.append(EventKind::ApprovalRequested {
-            request: approval.id,
-            key: approval.key.clone(),
-            gate: approval.gate.clone(),
-            kind: approval.kind,
-            phase: approval.phase.clone(),
-            attempt: approval.attempt,
-        });
-    }
-
-    // ---- transcripts ----
-
-    /// Stages transcript chunks idempotently on (session, seq); only the chunks in
-    /// [`Probes::chunks`] were read.
-    pub(crate) fn stage_chunks(&mut self, index: usize, chunks: &[TranscriptChunk]) -> Result<()> {
-        let session = self.rows.sessions[index].id;
-        for chunk in chunks {
-            if chunk.seq == 0 {
-                return Err(Error::new(
-                    ErrorCode::InvalidArgument,
-                    format!("transcript chunk of session {session} has seq 0"),
-                )
-                .with_run(self.run_id())
-                .with_hint("transcript sequence numbers start at 1"));
-            }
-            let known = self.stored_chunks.get(&(session, chunk.seq)).or_else(|| {
-                self.chunks
-                    .iter()
-                    .find(|(id, staged)| *id == session && staged.seq == chunk.seq)
-                    .map(|(_, staged)| &staged.text)
-            });
-            match known {
-                Some(text) if text == &chunk.text => {}
-                Some(_) => {
-                    return Err(Error::corruption(format!(
-                        "transcript chunk {} of session {session} was stored with other text",
-                        chunk.seq
-                    ))
-                    .with_run(self.run_id()));
-                }
-                None => self.chunks.push((session, chunk.clone())),
-            }
-        }
-        let last = chunks.iter().map(|chunk| chunk.seq).max().unwrap_or(0);
-        let record = self.session_mut(index);
-        record.last_capture_seq = record.last_capture_seq.max(last);
-        Ok(())
-    }
-}
-
-/// The rows of `now` that are new or differ from `stored`.
-fn changed<T: Clone + PartialEq>(now: &[T], stored: &[T]) -> Vec<T> {
-    now.iter()
-        .filter(|row| !stored.contains(row))
-        .cloned()
-        .collect()
-}
-
-impl Changes {
-    /// Whether a row other than an event changes (events may all turn out to be recorded).
-    fn changes_rows(&self) -> bool {
-        !self.phases.is_empty()
-            || !self.sessions.is_empty()
-            || !self.approvals.is_empty()
-            || !self.artifacts.is_empty()
-            || !self.chunks.is_empty()
-            || self.run_row != self.stored_run
-    }
-}
-
 /// Step 4: writes the changes in one statement (see [`APPLY_SQL`]). Returns whether anything
 /// was written: `false` when every event was already recorded and no row changed (a replay),
 /// and the caller rolls back instead of committing.
 pub(crate) async fn apply(
     tx: &mut Transaction<'static, Postgres>,
+    last_seq: u64,
     changes: Changes,
 ) -> Result<bool> {
     let changes_rows = changes.changes_rows();
     let Changes {
-        run,
         at,
-        last_seq,
-        run_row,
+        run: run_row,
         phases,
         sessions,
         approvals,
@@ -786,6 +193,7 @@ pub(crate) async fn apply(
         chunks,
         ..
     } = changes;
+    let run = run_row.id;
     let mut event_keys = Vec::with_capacity(events.len());
     let mut event_types = Vec::with_capacity(events.len());
     let mut event_phases = Vec::with_capacity(events.len());
@@ -1094,36 +502,3 @@ WITH new_events AS (
     ON CONFLICT (session_id, seq) DO NOTHING
 )
 SELECT count(*) FROM numbered";
-
-pub(crate) fn run_not_found(run: RunId) -> Error {
-    Error::new(ErrorCode::RunNotFound, format!("no run {run}"))
-        .with_run(run)
-        .with_hint("check the run id; runs exist once create_run returned")
-}
-
-pub(crate) fn phase_not_found(run: RunId, phase: &PhaseKey) -> Error {
-    Error::new(
-        ErrorCode::PhaseNotFound,
-        format!("run {run} has no phase `{phase}`"),
-    )
-    .in_phase(run, phase)
-    .with_hint("check that the workflow passed to the engine is the one the run was created with")
-}
-
-pub(crate) fn session_not_found(session: SessionId) -> Error {
-    Error::new(
-        ErrorCode::SessionNotFound,
-        format!("the store has no session {session}"),
-    )
-    .with_hint(
-        "a session is recorded by mark_busy with origin `Started`; record it before using it",
-    )
-}
-
-pub(crate) fn approval_not_found(request: ApprovalId) -> Error {
-    Error::new(
-        ErrorCode::ApprovalNotFound,
-        format!("no approval request {request}"),
-    )
-    .with_hint("list the run's pending requests and decide one of those")
-}

@@ -1,44 +1,19 @@
-//! The rules of every store command, applied to a locked run's [`Tx`].
-//!
-//! These are `MemoryStore`'s rules, kept line for line in the same order so both stores emit the
-//! same events in the same order and fail with the same errors; the conformance suite in
-//! `phaseflow-fake` holds them to it. Each function also says which [`Probes`] it needs read.
+//! The rules of each store command, applied to a [`Tx`] on the run's snapshot, in the order
+//! that fixes which events a command appends and which error it fails with first.
 
-use std::collections::HashSet;
-
-use phaseflow::error::{Error, ErrorCode, Result};
-use phaseflow::event::{Decision, EventKind, GateKind, PromptKind};
-use phaseflow::state::{PhaseState, RunState, SessionState};
-use phaseflow::store::{
-    ApprovalRecord, BeginAttempt, BeginOutcome, Decide, DecisionRecord, FinishPhase, Finished,
-    MarkBusy, NewRun, OperatorAction, PhaseEnd, PhaseRecord, PhaseWork, RecordPrompt,
-    RecordVerdict, SessionEvent, SessionOrigin, SessionRecord, TranscriptChunk,
+use super::session_not_found;
+use super::tx::Tx;
+use crate::error::{Error, ErrorCode, Result};
+use crate::event::{Decision, EventKind, GateKind, PromptKind};
+use crate::ids::SessionId;
+use crate::state::{PhaseState, RunState, SessionState};
+use crate::store::{
+    ApprovalRecord, ArtifactRecord, BeginAttempt, BeginOutcome, Decide, DecisionRecord,
+    FinishPhase, Finished, MarkBusy, OperatorAction, PhaseEnd, PhaseRecord, PhaseWork,
+    RecordPrompt, RecordVerdict, SessionEvent, SessionOrigin, SessionRecord, TranscriptChunk,
 };
 
-use phaseflow::ids::SessionId;
-
-use crate::tx::{Probes, Tx, session_not_found};
-
-/// Why a [`NewRun`] cannot be created, if it cannot.
-pub(crate) fn invalid_run(run: &NewRun) -> Option<Error> {
-    let problem = if run.phases.is_empty() {
-        "has no phases".to_owned()
-    } else {
-        let mut seen = HashSet::new();
-        let duplicate = run.phases.iter().find(|key| !seen.insert(*key))?;
-        format!("lists phase `{duplicate}` twice")
-    };
-    Some(
-        Error::new(
-            ErrorCode::InvalidArgument,
-            format!("run {} {problem}", run.id),
-        )
-        .with_run(run.id)
-        .with_hint("a run needs at least one phase and unique phase keys"),
-    )
-}
-
-pub(crate) fn begin_attempt(tx: &mut Tx, cmd: BeginAttempt) -> Result<BeginOutcome> {
+pub(super) fn begin_attempt(tx: &mut Tx, cmd: BeginAttempt) -> Result<BeginOutcome> {
     let index = tx.phase_index(&cmd.work.phase)?;
     tx.require_phase_work()?;
     let phase = tx.phase(index).clone();
@@ -82,7 +57,7 @@ pub(crate) fn begin_attempt(tx: &mut Tx, cmd: BeginAttempt) -> Result<BeginOutco
     Ok(BeginOutcome::Started(phase))
 }
 
-pub(crate) fn claim_phase(tx: &mut Tx, work: PhaseWork) -> Result<PhaseRecord> {
+pub(super) fn claim_phase(tx: &mut Tx, work: PhaseWork) -> Result<PhaseRecord> {
     let index = tx.phase_index(&work.phase)?;
     tx.require_phase_work()?;
     let phase = tx.phase_mut(index);
@@ -90,14 +65,7 @@ pub(crate) fn claim_phase(tx: &mut Tx, work: PhaseWork) -> Result<PhaseRecord> {
     Ok(phase.clone())
 }
 
-pub(crate) fn mark_busy_probes(cmd: &MarkBusy) -> Probes {
-    Probes {
-        session: Some(cmd.session),
-        ..Probes::default()
-    }
-}
-
-pub(crate) fn mark_busy(tx: &mut Tx, cmd: MarkBusy) -> Result<SessionRecord> {
+pub(super) fn mark_busy(tx: &mut Tx, cmd: MarkBusy) -> Result<SessionRecord> {
     let index = tx.phase_work(&cmd.work)?;
     tx.require_attempt(index, cmd.attempt)?;
     let by_role = tx
@@ -175,7 +143,7 @@ pub(crate) fn mark_busy(tx: &mut Tx, cmd: MarkBusy) -> Result<SessionRecord> {
     Ok(session)
 }
 
-pub(crate) fn record_prompt(tx: &mut Tx, cmd: RecordPrompt) -> Result<()> {
+pub(super) fn record_prompt(tx: &mut Tx, cmd: RecordPrompt) -> Result<()> {
     let index = tx.phase_work(&cmd.work)?;
     tx.require_attempt(index, cmd.attempt)?;
     tx.require_phase_state(
@@ -220,7 +188,7 @@ pub(crate) fn record_prompt(tx: &mut Tx, cmd: RecordPrompt) -> Result<()> {
     Ok(())
 }
 
-fn timeout_event(work: &PhaseWork, attempt: u32, path: String) -> EventKind {
+pub(super) fn timeout_event(work: &PhaseWork, attempt: u32, path: String) -> EventKind {
     EventKind::ArtifactTimeout {
         phase: work.phase.clone(),
         attempt,
@@ -228,17 +196,7 @@ fn timeout_event(work: &PhaseWork, attempt: u32, path: String) -> EventKind {
     }
 }
 
-pub(crate) fn session_event_probes(work: &PhaseWork, event: &SessionEvent) -> Probes {
-    match event {
-        SessionEvent::ArtifactTimeout { attempt, path } => Probes {
-            keys: vec![timeout_event(work, *attempt, path.clone()).idempotency_key()],
-            ..Probes::default()
-        },
-        SessionEvent::Recovered => Probes::default(),
-    }
-}
-
-pub(crate) fn record_session_event(
+pub(super) fn record_session_event(
     tx: &mut Tx,
     work: PhaseWork,
     session: SessionId,
@@ -291,17 +249,7 @@ pub(crate) fn record_session_event(
     Ok(tx.rows.sessions[at].clone())
 }
 
-pub(crate) fn record_verdict_probes(cmd: &RecordVerdict) -> Probes {
-    Probes {
-        artifact: Some((cmd.artifact.path.clone(), cmd.artifact.hash.clone())),
-        ..Probes::default()
-    }
-}
-
-pub(crate) fn record_verdict(
-    tx: &mut Tx,
-    cmd: RecordVerdict,
-) -> Result<phaseflow::store::ArtifactRecord> {
+pub(super) fn record_verdict(tx: &mut Tx, cmd: RecordVerdict) -> Result<ArtifactRecord> {
     let index = tx.phase_work(&cmd.work)?;
     tx.require_attempt(index, cmd.attempt)?;
     tx.require_phase_state(
@@ -315,37 +263,7 @@ pub(crate) fn record_verdict(
     Ok(record)
 }
 
-pub(crate) fn finish_phase_probes(cmd: &FinishPhase) -> Probes {
-    let keys = match &cmd.end {
-        PhaseEnd::Complete => vec![
-            EventKind::PhaseCompleted {
-                phase: cmd.work.phase.clone(),
-                attempt: cmd.attempt,
-            }
-            .idempotency_key(),
-        ],
-        _ => Vec::new(),
-    };
-    Probes {
-        keys,
-        artifact: cmd
-            .verdict
-            .as_ref()
-            .map(|v| (v.path.clone(), v.hash.clone())),
-        session: None,
-        chunks: cmd
-            .session
-            .as_ref()
-            .filter(|_| !cmd.transcript.is_empty())
-            .map(|(id, _)| (*id, cmd.transcript.iter().map(|c| c.seq).collect())),
-        approvals: matches!(
-            cmd.end,
-            PhaseEnd::AwaitApproval { .. } | PhaseEnd::HumanGate { .. }
-        ),
-    }
-}
-
-pub(crate) fn finish_phase(tx: &mut Tx, cmd: FinishPhase) -> Result<Finished> {
+pub(super) fn finish_phase(tx: &mut Tx, cmd: FinishPhase) -> Result<Finished> {
     let index = tx.phase_index(&cmd.work.phase)?;
     if let Some(done) = finished_before(tx, index, &cmd)? {
         return Ok(done);
@@ -551,13 +469,6 @@ fn finished_before(tx: &Tx, index: usize, cmd: &FinishPhase) -> Result<Option<Fi
     }))
 }
 
-pub(crate) fn decide_probes() -> Probes {
-    Probes {
-        approvals: true,
-        ..Probes::default()
-    }
-}
-
 /// The decisions a gate of that kind takes, for error hints.
 fn allowed_decisions(kind: GateKind) -> &'static str {
     match kind {
@@ -566,7 +477,7 @@ fn allowed_decisions(kind: GateKind) -> &'static str {
     }
 }
 
-pub(crate) fn decide(tx: &mut Tx, cmd: Decide) -> Result<Finished> {
+pub(super) fn decide(tx: &mut Tx, cmd: Decide) -> Result<Finished> {
     let at = tx
         .rows
         .approvals
@@ -727,7 +638,7 @@ pub(crate) fn decide(tx: &mut Tx, cmd: Decide) -> Result<Finished> {
     })
 }
 
-pub(crate) fn operate(tx: &mut Tx, action: OperatorAction) -> Result<Finished> {
+pub(super) fn operate(tx: &mut Tx, action: OperatorAction) -> Result<Finished> {
     let run = tx.run_id();
     let state = tx.run().state;
     if state.is_terminal() {
@@ -755,14 +666,7 @@ pub(crate) fn operate(tx: &mut Tx, action: OperatorAction) -> Result<Finished> {
     })
 }
 
-pub(crate) fn append_transcript_probes(session: SessionId, chunks: &[TranscriptChunk]) -> Probes {
-    Probes {
-        chunks: Some((session, chunks.iter().map(|c| c.seq).collect())),
-        ..Probes::default()
-    }
-}
-
-pub(crate) fn append_transcript(
+pub(super) fn append_transcript(
     tx: &mut Tx,
     session: SessionId,
     chunks: &[TranscriptChunk],

@@ -9,12 +9,15 @@
 //! 4. checks that the phase is claimed by the calling engine ([`PhaseWork::owner`]); otherwise
 //!    `phase_claimed`, nothing written;
 //! 5. writes rows and events together, or nothing at all;
-//! 6. is idempotent: event keys ([`EventKind::idempotency_key`]) are unique per run and
-//!    re-appending one is a no-op; artifacts are unique on (run, path, hash), sessions on
+//! 6. is idempotent: event keys
+//!    ([`EventKind::idempotency_key`](crate::event::EventKind::idempotency_key)) are unique per
+//!    run and re-appending one is a no-op; artifacts are unique on (run, path, hash), sessions on
 //!    (run, role), approval requests on their key, transcript chunks on (session, seq).
 //!    Re-inserting any of those with *different* content is `internal_state_corruption`.
 //!
-//! The conformance suite in `phaseflow-fake` pins this behaviour down for every implementation.
+//! The rules themselves — steps 2 to 6 applied to a snapshot of the run — live in [`rules`], once
+//! for every implementation; a store loads the snapshot and persists the changes. The conformance
+//! suite in `phaseflow-fake` pins this behaviour down for every implementation.
 
 use std::fmt::Debug;
 
@@ -30,6 +33,8 @@ use crate::ids::{
     SessionId,
 };
 use crate::state::{PhaseState, RunState, SessionState};
+
+pub mod rules;
 
 /// A run to create.
 #[derive(Clone, Debug, PartialEq, Eq)]
