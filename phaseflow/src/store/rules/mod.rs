@@ -503,3 +503,6 @@ pub fn approval_not_found(request: ApprovalId) -> Error {
     )
     .with_hint("list the run's pending requests and decide one of those")
 }
+
+#[cfg(test)]
+mod tests;
