@@ -1,8 +1,12 @@
-//! Test doubles for phaseflow: [`MemoryStore`], [`FakeSessions`] and the store conformance suite.
+//! Test doubles and test suites for phaseflow: [`MemoryStore`] (the in-memory store),
+//! [`FakeSessions`] (a scripted agent runtime), the store conformance suite
+//! ([`conformance`]), the engine scenario suite ([`scenarios`]) and crash injection ([`crash`]).
 
 pub mod conformance;
 pub mod crash;
 pub mod memory;
 pub mod scenarios;
 pub mod sessions;
+
+pub use memory::MemoryStore;
 pub use sessions::{FakeSessions, Script};
