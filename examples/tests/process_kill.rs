@@ -15,7 +15,7 @@
 //! The orchestrators are this test binary started again with [`recovery::ORCHESTRATOR_FLAG`],
 //! hence `harness = false` and this file's own `main`. Filters and `--list` work as with libtest.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -189,16 +189,7 @@ async fn kill_and_resume(database: &TestDatabase, freeze_after_delivery: bool) -
     // A consistent event log: gapless, no idempotency key twice, the same events a run without
     // a crash appends.
     let events = store.events(run, 0).await.unwrap();
-    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
-    let mut keys = HashSet::new();
-    for event in &events {
-        assert!(
-            keys.insert(&event.key),
-            "idempotency key {} twice",
-            event.key
-        );
-    }
+    phaseflow_fake::assert_event_log(&events);
     let happy_path = [
         "run.created",
         "run.started",

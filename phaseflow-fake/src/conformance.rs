@@ -546,21 +546,43 @@ impl<'a> Ctx<'a> {
     /// The log is gapless from 1, stores each kind's own key, and never repeats a key.
     async fn check_log(&self) {
         let events = self.events().await;
-        let mut keys = HashSet::new();
-        for (index, event) in events.iter().enumerate() {
-            assert_eq!(event.seq, index as u64 + 1, "seq must be gapless from 1");
-            assert_eq!(event.run, self.run);
-            assert_eq!(event.key, event.kind.idempotency_key());
-            assert!(
-                keys.insert(event.key.clone()),
-                "duplicate event key {}",
-                event.key
-            );
-        }
+        assert_event_log(&events);
+        assert!(events.iter().all(|event| event.run == self.run));
         for after in 0..=events.len() as u64 {
             let tail = self.store.events(self.run, after).await.unwrap();
             assert_eq!(tail.as_slice(), &events[after as usize..]);
         }
+    }
+}
+
+/// Asserts the event-log contract every store keeps: all events belong to one run, `seq` runs
+/// from 1 without gaps, each stored key is the event's own [`EventKind::idempotency_key`], and
+/// no key appears twice. Panics with the offending event (a test helper).
+///
+/// [`EventKind::idempotency_key`]: phaseflow::event::EventKind::idempotency_key
+#[track_caller]
+pub fn assert_event_log(events: &[Event]) {
+    let mut keys = HashSet::new();
+    for (index, event) in events.iter().enumerate() {
+        assert_eq!(
+            event.seq,
+            index as u64 + 1,
+            "event seq has a gap at {event:?}"
+        );
+        assert_eq!(
+            event.run, events[0].run,
+            "events of two runs in one log: {event:?}"
+        );
+        assert_eq!(
+            event.key,
+            event.kind.idempotency_key(),
+            "stored key differs: {event:?}"
+        );
+        assert!(
+            keys.insert(event.key.as_str()),
+            "duplicate event key {}",
+            event.key
+        );
     }
 }
 

@@ -7,7 +7,6 @@
 //! stay, agents keep writing), resumes the run with [`Engine::resume_any`] and drives it to the
 //! end, and checks the invariants of DESIGN.md "Targets → Recovery".
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -542,19 +541,7 @@ async fn crash_case(
 
 async fn check_invariants(store: &dyn Store, run: RunId, scenario: &str) -> RunOutcome {
     let events = store.events(run, 0).await.expect("events");
-    let mut keys = HashSet::new();
-    for (i, event) in events.iter().enumerate() {
-        assert_eq!(
-            event.seq,
-            i as u64 + 1,
-            "{scenario}: event seq gap at {event:?}"
-        );
-        assert!(
-            keys.insert(event.key.clone()),
-            "{scenario}: duplicate event key {}",
-            event.key
-        );
-    }
+    crate::conformance::assert_event_log(&events);
     let sessions = store.sessions(run).await.expect("sessions");
     assert!(
         sessions.iter().all(|s| s.state != SessionState::Busy),

@@ -8,5 +8,6 @@ pub mod memory;
 pub mod scenarios;
 pub mod sessions;
 
+pub use conformance::assert_event_log;
 pub use memory::MemoryStore;
 pub use sessions::{FakeSessions, Script};

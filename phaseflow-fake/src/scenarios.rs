@@ -173,20 +173,7 @@ impl Harness {
     /// equal to each event's own idempotency key.
     pub async fn events(&self) -> Vec<EventKind> {
         let events = self.store.events(self.id(), 0).await.expect("read events");
-        let mut keys = std::collections::HashSet::new();
-        for (i, event) in events.iter().enumerate() {
-            assert_eq!(event.seq, i as u64 + 1, "event seq has a gap at {event:?}");
-            assert_eq!(
-                event.key,
-                event.kind.idempotency_key(),
-                "stored key differs"
-            );
-            assert!(
-                keys.insert(event.key.clone()),
-                "duplicate event key {}",
-                event.key
-            );
-        }
+        crate::conformance::assert_event_log(&events);
         events.into_iter().map(|e| e.kind).collect()
     }
 

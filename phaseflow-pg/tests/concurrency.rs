@@ -9,10 +9,11 @@ use phaseflow::ErrorClass;
 use phaseflow::error::ErrorCode;
 use phaseflow::state::{PhaseState, RunState, SessionState};
 use phaseflow::store::{BeginOutcome, Finished, OperatorAction, PhaseEnd, PhaseRecord, Store};
+use phaseflow_fake::assert_event_log;
 use phaseflow_pg::PgStore;
 use phaseflow_pg::testing::TestDatabase;
 use serde_json::json;
-use support::{EngineCtx, assert_log_consistent, create_run, types};
+use support::{EngineCtx, create_run, types};
 use tokio::sync::Barrier;
 
 #[derive(Debug)]
@@ -90,7 +91,7 @@ async fn two_engines_racing_for_one_phase_one_wins_and_the_log_stays_gapless() {
         }
 
         let events = first.events(run, 0).await.unwrap();
-        assert_log_consistent(&events);
+        assert_event_log(&events);
         assert_eq!(
             types(&events),
             [
@@ -180,7 +181,7 @@ async fn an_operator_abort_from_another_pool_stops_a_phase_awaiting_its_artifact
     assert_eq!(engine.commits(), commits);
     let after = engine.events(run, 0).await.unwrap();
     assert_eq!(after, events);
-    assert_log_consistent(&after);
+    assert_event_log(&after);
     assert_eq!(
         engine.latest_artifact(run, &"plan".into()).await.unwrap(),
         None

@@ -2,8 +2,6 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::HashSet;
-
 use phaseflow::event::{Event, PromptKind};
 use phaseflow::ids::{ContentHash, DedupKey, EngineId, PhaseKey, RoleKey, RunId, SessionId};
 use phaseflow::store::{
@@ -124,19 +122,6 @@ pub fn artifact() -> NewArtifact {
         size: body.len() as u64,
         content: serde_json::from_str(body).ok(),
         errors: Vec::new(),
-    }
-}
-
-/// Asserts the log is numbered 1..=n without gaps and has no duplicate key.
-#[track_caller]
-pub fn assert_log_consistent(events: &[Event]) {
-    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-    let expected: Vec<u64> = (1..=events.len() as u64).collect();
-    assert_eq!(seqs, expected, "event seqs must be 1..=n without gaps");
-    let keys: HashSet<&str> = events.iter().map(|e| e.key.as_str()).collect();
-    assert_eq!(keys.len(), events.len(), "event keys must be unique");
-    for event in events {
-        assert_eq!(event.key, event.kind.idempotency_key());
     }
 }
 
