@@ -1357,11 +1357,11 @@ impl Executor<'_> {
 
     /// Transcript chunks after the last stored one. A capture failure loses evidence, not work,
     /// so it is logged and the phase goes on.
+    ///
+    /// Every session record the executor holds was returned by the store, and transcripts are
+    /// stored only when an attempt ends, so its `last_capture_seq` is current: no re-read.
     async fn capture(&self, session: &SessionRecord) -> Vec<TranscriptChunk> {
-        let from = match self.store().session(self.run_id(), &session.role).await {
-            Ok(Some(stored)) if stored.id == session.id => stored.last_capture_seq,
-            _ => session.last_capture_seq,
-        };
+        let from = session.last_capture_seq;
         match self.engine.sessions.capture(session.id, from).await {
             Ok(chunks) => chunks,
             Err(error) => {
